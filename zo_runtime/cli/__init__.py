@@ -1,0 +1,67 @@
+"""`zoodip` command line: a lazy click group; each stage's command lives in its own cmd_*.py.
+
+Commands import their stage lazily so `zoodip --help` stays fast and never imports torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# command name -> "module:attribute"; modules are imported only when the command runs.
+COMMANDS = {
+    "providers": "zo_runtime.cli.cmd_providers:providers",
+    "replica": "zo_runtime.cli.cmd_export:replica",
+    "export": "zo_runtime.cli.cmd_export:export",
+    "quantize": "zo_runtime.cli.cmd_quantize:quantize",
+    "train": "zo_runtime.cli.cmd_train:train",
+    "personalize": "zo_runtime.cli.cmd_train:personalize",
+    "generate": "zo_runtime.cli.cmd_generate:generate",
+    "evaluate": "zo_runtime.cli.cmd_generate:evaluate",
+    "export-metrics": "zo_runtime.cli.cmd_generate:export_metrics",
+}
+HELP = {
+    "providers": "Show onnxruntime, its execution providers, and what --provider auto picks.",
+    "replica": "Write a random-weight SD 1.5 / SD 2.1 architecture replica (benchmarks only).",
+    "export": "Export a diffusers SD 1.x/2.x model to zoodip's ONNX layout.",
+    "quantize": "Quantize an exported model (w8a8, w8, w4, fp16) with fidelity gates.",
+    "train": "Learn a token embedding with zeroth-order textual inversion (torch-free).",
+    "personalize": "One command: export, quantize, train and sample, reusing finished stages.",
+    "generate": "Generate images with learned tokens (torch-free).",
+    "evaluate": "DreamBooth-protocol evaluation of a learned token.",
+    "export-metrics": "Export CLIP / DINO metric models to ONNX.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            if ctx.resilient_parsing or ctx.info_name is None:
+                return None
+            # A stage not built yet (or a missing extra) says so instead of a traceback.
+            return click.Command(name, help=HELP[name], callback=_unavailable(name, err))
+
+    def format_commands(self, ctx, formatter):
+        # Help text from HELP so listing commands imports nothing.
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, HELP[n]) for n in self.list_commands(ctx)])
+
+
+def _unavailable(name, err):
+    def run():
+        raise click.ClickException(f"`zoodip {name}` is unavailable: {err}")
+    return run
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zoodip")
+def main():
+    """zoodip: personalize a quantized Stable Diffusion with forward passes only (ZOODiP)."""

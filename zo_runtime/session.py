@@ -1,0 +1,62 @@
+"""The one checked boundary to onnxruntime: names, dtypes and ranks verified before each run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import providers as prov
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+           "tensor(int32)": np.int32, "tensor(double)": np.float64}
+
+
+class OnnxModel:
+    """An InferenceSession that checks and casts its inputs (e.g. timestep float vs int64)."""
+
+    def __init__(self, path: str | Path, provider: str = "cpu", provider_options: dict | None = None,
+                 threads: int = 0):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: export the model first (`zoodip export`)")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads  # 0: onnxruntime picks (all physical cores)
+        # Arena off: the arena keeps the peak of every shape seen; training memory is the product.
+        so.enable_cpu_mem_arena = False
+        self.path = path
+        self.session = ort.InferenceSession(str(path), so, providers=prov.session_providers(provider, provider_options))
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def input_dtype(self, name: str):
+        return _DTYPES[self.inputs[name].type]
+
+    def static_shape(self, name: str) -> tuple | None:
+        """The declared shape if every dimension is fixed, else None."""
+        shape = self.inputs[name].shape
+        return tuple(shape) if all(isinstance(d, int) for d in shape) else None
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        """Run after checking names, ranks and fixed dims; casts dtypes to what the graph declares."""
+        missing = set(self.inputs) - set(feeds)
+        extra = set(feeds) - set(self.inputs)
+        if missing or extra:
+            raise ValueError(f"{self.path}: inputs {sorted(self.inputs)} expected, got {sorted(feeds)}")
+        cast = {}
+        for name, value in feeds.items():
+            meta = self.inputs[name]
+            value = np.asarray(value)
+            if value.ndim != len(meta.shape):
+                raise ValueError(f"{self.path}: input {name} has rank {value.ndim}, model wants shape {meta.shape}")
+            for axis, (want, got) in enumerate(zip(meta.shape, value.shape)):
+                if isinstance(want, int) and want != got:
+                    raise ValueError(f"{self.path}: input {name} axis {axis} is {got}, this static-shape model "
+                                     f"wants {want} (shape {meta.shape}); use a matching batch/resolution")
+            cast[name] = np.ascontiguousarray(value, dtype=self.input_dtype(name))
+        return self.session.run(outputs or self.output_names, cast)
