@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's test command (README and CI run exactly this).
+# The project's test command (README and CI run exactly this). Uses .venv from scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q "$@"
