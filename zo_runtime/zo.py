@@ -1,0 +1,168 @@
+"""The ZOODiP optimizer core in NumPy: seeded perturbations, RGE/SPSA, PUTS, Subspace Gradient, ZO-Adam.
+
+Pure functions of (vector, seed, step, config). Every random draw comes from a local
+np.random.Generator keyed by (seed, step, stream), so nothing random is stored and a resumed
+run repeats an uninterrupted one exactly. Vectors are flattened: D = num_vectors * d.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Stream ids keep the data draws and the perturbation directions independent.
+_DATA, _DIRECTION = 0, 1
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    """Optimizer settings; defaults are the reference's (SD 1.5)."""
+
+    queries: int = 2                 # n: CLIP-I peaked at n=2 in the paper's ablation (n+1 passes per step)
+    mu: float = 1e-3                 # perturbation size; SD 2.x/SDXL use 1e-2
+    estimator: str = "rge"           # rge: one-sided, n+1 passes; spsa: two-sided, 2n passes (scored worse)
+    tau: int = 128                   # subspace: history length and refresh period
+    nu: float = 1e-3                 # subspace: keep components explaining > 1 - nu of the variance
+    subspace: bool = True            # Subspace Gradient on (paper's ablation: best with PUTS)
+    lr: float = 5e-3                 # paper's learning rate (reference script: 1e-2)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam defaults, as in the reference ZOAdam
+    eps: float = 1e-3                # large on purpose: damps steps where the ZO second moment is tiny
+
+    def __post_init__(self):
+        if self.queries < 1:
+            raise ValueError(f"queries must be >= 1, got {self.queries}")
+        if not self.mu > 0:
+            raise ValueError(f"mu must be > 0, got {self.mu}")
+        if self.estimator not in ("rge", "spsa"):
+            raise ValueError(f"estimator must be 'rge' or 'spsa', got {self.estimator!r}")
+        if self.tau < 2:
+            raise ValueError(f"tau must be >= 2 (PCA needs a history), got {self.tau}")
+        if not 0 < self.nu < 1:
+            raise ValueError(f"nu must be in (0, 1), got {self.nu}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def passes(self) -> int:
+        """Forward passes per step."""
+        return self.queries + 1 if self.estimator == "rge" else 2 * self.queries
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator for a step's data draws (image, flip, prompt, t, noise)."""
+    return np.random.default_rng([seed, step, _DATA])
+
+
+def direction(seed: int, step: int, i: int, size: int) -> np.ndarray:
+    """z_i ~ N(0, I_D) for query i of a step, regenerated from its seed whenever needed."""
+    return np.random.default_rng([seed, step, _DIRECTION, i]).standard_normal(size, dtype=np.float32)
+
+
+def sample_timestep(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """PUTS: one t ~ Uniform{lo, ..., hi-1} shared by every pass of the step."""
+    return int(rng.integers(lo, hi))
+
+
+def query_points(v: np.ndarray, seed: int, step: int, cfg: ZOConfig, out: np.ndarray | None = None) -> np.ndarray:
+    """(P, D) points to evaluate: rge [v, v+mu z_1..n]; spsa [v+mu z_1, v-mu z_1, ...]."""
+    out = np.empty((cfg.passes, v.size), np.float32) if out is None else out
+    if cfg.estimator == "rge":
+        out[0] = v
+        for i in range(cfg.queries):
+            np.multiply(direction(seed, step, i, v.size), cfg.mu, out=out[i + 1])
+            out[i + 1] += v
+    else:
+        for i in range(cfg.queries):
+            z = direction(seed, step, i, v.size) * np.float32(cfg.mu)
+            out[2 * i] = v + z
+            out[2 * i + 1] = v - z
+    return out
+
+
+def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig, projected: int = 0) -> np.ndarray:
+    """g = sum_i g_i z_i / (n sqrt((D' + n - 1) / n)), D' = D - projected dims (reference ZOAdam)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    n = cfg.queries
+    if cfg.estimator == "rge":
+        coeffs = (losses[1:] - losses[0]) / cfg.mu               # (n,) directional derivatives
+    else:
+        coeffs = (losses[0::2] - losses[1::2]) / (2 * cfg.mu)
+    g = np.zeros(size, np.float64)
+    for i, c in enumerate(coeffs):
+        g += c * direction(seed, step, i, size)
+    return (g / (n * np.sqrt((size - projected + n - 1) / n))).astype(np.float32)
+
+
+def subspace_basis(history: np.ndarray, nu: float) -> np.ndarray:
+    """(r, D) low-variance directions of a standardized (tau, D) history: PCA components[k+1:]."""
+    std = history.std(axis=0)
+    x = (history - history.mean(axis=0)) / np.where(std > 0, std, 1.0)   # like sklearn's StandardScaler
+    _, s, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    var = s ** 2
+    if not var.sum() > 0:
+        return np.zeros((0, history.shape[1]), np.float32)
+    cum = np.cumsum(var / var.sum())
+    hits = np.flatnonzero(cum > 1 - nu)
+    k = int(hits[0]) if hits.size else len(cum) - 1   # index of the first component past 1 - nu
+    return np.ascontiguousarray(vt[k + 1:], dtype=np.float32)
+
+
+def project(g: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """g - (g V^T) V: remove the (orthonormal) rows of V from g."""
+    return g - (g @ basis.T) @ basis if basis.shape[0] else g
+
+
+@dataclass
+class ZOState:
+    """Everything the optimizer carries between steps (checkpointed as is)."""
+
+    v: np.ndarray          # (D,) current embedding, flattened
+    m: np.ndarray          # (D,) Adam first moment
+    s: np.ndarray          # (D,) Adam second moment
+    history: np.ndarray    # (tau, D) ring buffer of v after each update
+    basis: np.ndarray      # (r, D) directions projected out (r = 0 until the first refresh)
+    step: int = 0          # updates done
+
+    @classmethod
+    def start(cls, v: np.ndarray, cfg: ZOConfig) -> "ZOState":
+        v = np.asarray(v, np.float32).ravel().copy()
+        z = np.zeros_like(v)
+        return cls(v, z, z.copy(), np.zeros((cfg.tau, v.size), np.float32), np.zeros((0, v.size), np.float32))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"v": self.v, "m": self.m, "s": self.s, "history": self.history, "basis": self.basis,
+                "step": np.int64(self.step)}
+
+    @classmethod
+    def from_arrays(cls, a) -> "ZOState":
+        return cls(*(np.array(a[k], np.float32) for k in ("v", "m", "s", "history", "basis")), step=int(a["step"]))
+
+
+def adam_update(state: ZOState, g: np.ndarray, cfg: ZOConfig) -> None:
+    """ZO-Adam with bias correction, no weight decay; updates state.v/m/s in place."""
+    b1, b2 = cfg.betas
+    t = state.step + 1
+    state.m *= b1
+    state.m += (1 - b1) * g
+    state.s *= b2
+    state.s += (1 - b2) * g * g
+    m_hat = state.m / (1 - b1 ** t)
+    s_hat = state.s / (1 - b2 ** t)
+    state.v -= (cfg.lr * m_hat / (np.sqrt(s_hat) + cfg.eps)).astype(np.float32)
+
+
+def update(state: ZOState, losses: np.ndarray, seed: int, cfg: ZOConfig) -> np.ndarray:
+    """One optimizer step from the step's losses: estimate, project, Adam, history, PCA refresh.
+
+    Returns the gradient actually applied (after projection).
+    """
+    step = state.step + 1
+    g = estimate(losses, seed, step, state.v.size, cfg, projected=state.basis.shape[0])
+    if cfg.subspace:
+        g = project(g, state.basis)
+    adam_update(state, g, cfg)
+    state.step = step
+    state.history[(step - 1) % cfg.tau] = state.v
+    if cfg.subspace and step % cfg.tau == 0:           # refresh after every tau updates
+        state.basis = subspace_basis(state.history, cfg.nu)
+    return g
