@@ -58,5 +58,6 @@ class OnnxModel:
                 if isinstance(want, int) and want != got:
                     raise ValueError(f"{self.path}: input {name} axis {axis} is {got}, this static-shape model "
                                      f"wants {want} (shape {meta.shape}); use a matching batch/resolution")
-            cast[name] = np.ascontiguousarray(value, dtype=self.input_dtype(name))
+            # np.require keeps 0-d inputs 0-d (ascontiguousarray would make a scalar timestep shape (1,)).
+            cast[name] = np.require(value, dtype=self.input_dtype(name), requirements="C")
         return self.session.run(outputs or self.output_names, cast)
