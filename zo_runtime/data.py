@@ -1,0 +1,118 @@
+"""Training images -> VAE latents, encoded once with the VAE encoder and cached in the run folder."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .io_utils import atomic_write
+from .model_dir import ModelDir
+from .session import OnnxModel
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Latents:
+    """Posterior of every image and its mirror image, already times the latent scaling factor."""
+
+    names: list[str]
+    mean: np.ndarray    # (N, 2, C, h, w) float32; [:, 1] is the horizontally flipped image
+    std: np.ndarray     # (N, 2, C, h, w) float32
+
+    def sample(self, rng: np.random.Generator, index: int, flip: bool, mode: str) -> np.ndarray:
+        """(1, C, h, w) x0: the posterior mean, or a posterior sample like the reference's latent_dist.sample()."""
+        mean = self.mean[index, int(flip)]
+        if mode == "mean":
+            return mean[None]
+        return (mean + self.std[index, int(flip)] * rng.standard_normal(mean.shape, dtype=np.float32))[None]
+
+
+def check_resolution(model: ModelDir, resolution: int | None) -> int:
+    """The training resolution: native by default; a multiple of vae_scale_factor*8; equal to static shapes."""
+    res = int(resolution or model.manifest["native_resolution"])
+    step = int(model.manifest["vae_scale_factor"]) * 8
+    if res <= 0 or res % step:
+        raise ValueError(f"resolution {res} must be a positive multiple of {step} (VAE factor "
+                         f"{model.manifest['vae_scale_factor']} x 8, for the UNet's down-sampling); try {max(step, res // step * step)}")
+    static = model.static_shapes
+    if static and (static.get("height"), static.get("width")) != (res, res):
+        raise ValueError(f"{model.root} is a static-shape model for {static.get('height')}x{static.get('width')} px; "
+                         f"train at --resolution {static.get('height')} or quantize again for {res} px")
+    return res
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files in a folder (by suffix, sorted, hidden files skipped); ValueError if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder {folder} does not exist or is not a folder")
+    paths = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put 3-5 photos of the subject there")
+    return paths
+
+
+def load_image(path: Path, resolution: int) -> np.ndarray:
+    """(3, res, res) float32 in [-1, 1]: EXIF orientation, RGB, short side resized, center crop."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {path} ({err}); remove or replace that file") from err
+    w, h = im.size
+    if w == 0 or h == 0:
+        raise ValueError(f"image {path} is empty ({w}x{h}); remove or replace that file")
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    return (np.asarray(im, np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def _cache_key(model: ModelDir, paths: list[Path], resolution: int) -> str:
+    h = hashlib.sha256((model.root / "manifest.json").read_bytes())
+    h.update(str(resolution).encode())
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _savez(path: Path, **arrays) -> None:
+    with open(path, "wb") as f:   # a file object, so numpy does not append ".npz" to the temp name
+        np.savez(f, **arrays)
+
+
+def _encode(vae: OnnxModel, image: np.ndarray) -> np.ndarray:
+    """(3, H, W) -> (2C, h, w) posterior parameters; pads the batch for a static-batch encoder."""
+    shape = vae.inputs["sample"].shape
+    batch = shape[0] if isinstance(shape[0], int) else 1
+    return vae.run({"sample": np.repeat(image[None], batch, axis=0)})[0][0]
+
+
+def encode_images(model: ModelDir, images_dir: str | Path, resolution: int, cache_dir: str | Path,
+                  provider: str = "cpu", provider_options: dict | None = None) -> Latents:
+    """VAE-encode every image and its mirror image once; reuse the cache keyed by content, resolution, model."""
+    paths = list_images(images_dir)
+    cache = Path(cache_dir) / f"latents-{_cache_key(model, paths, resolution)}.npz"
+    names = [p.name for p in paths]
+    if cache.is_file():
+        with np.load(cache) as z:
+            return Latents(names, z["mean"], z["std"])
+    pixels = [load_image(p, resolution) for p in paths]   # all decoded first: a bad file fails before encoding
+    vae = OnnxModel(model.onnx("vae_encoder"), provider, provider_options)
+    sf = float(model.manifest["scaling_factor"])
+    params = np.stack([[_encode(vae, px), _encode(vae, px[:, :, ::-1])] for px in pixels])  # (N, 2, 2C, h, w)
+    c = params.shape[2] // 2
+    mean = params[:, :, :c] * sf
+    std = np.exp(0.5 * np.clip(params[:, :, c:], -30.0, 20.0)) * sf    # as diffusers' DiagonalGaussianDistribution
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
+    atomic_write(cache, lambda p: _savez(p, mean=mean, std=std))
+    return Latents(names, mean, std)

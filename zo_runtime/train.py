@@ -1,0 +1,340 @@
+"""ZOODiP textual inversion on onnxruntime: forward passes only, NumPy optimizer, resumable.
+
+One step (method.md): draw image, prompt, t in the PUTS range and noise (common to all passes);
+build n+1 embedding batches with v and v + mu z_i in the placeholder rows; text encoder as one
+batch; UNet as one batch (or one by one); losses -> RGE -> subspace projection -> ZO-Adam.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import data, prompts, zo
+from .embeds import save_learned_embeds, vector_names
+from .io_utils import atomic_write, atomic_write_json, atomic_write_text
+from .model_dir import ModelDir
+from .session import OnnxModel
+from .text import TextEncoder
+
+CHECKPOINT = "checkpoint.npz"
+# Options that may change between a run and its resume without changing the result.
+RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "resume", "provider", "provider_options", "progress"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; defaults are the reference's (SD 1.5, method.md)."""
+
+    token: str                       # placeholder, must be new to the vocabulary ("sks")
+    init: str                        # one existing token whose row starts v ("dog" for a dog)
+    queries: int = 2                 # n: n+1 forward passes per step; best CLIP-I per pass in the paper
+    mu: float = 1e-3                 # perturbation size (SD 2.x: 1e-2)
+    tau: int = 128                   # subspace history length / refresh period
+    nu: float = 1e-3                 # subspace keeps components explaining > 1 - nu of the variance
+    t_range: tuple[int, int] = (500, 900)   # PUTS: t < 500 carries almost no text signal
+    lr: float = 5e-3                 # paper (reference script: 1e-2)
+    steps: int = 30000               # reference schedule (31 min on an RTX 3090)
+    num_vectors: int = 1             # reference trains one vector
+    estimator: str = "rge"           # one-sided; spsa (two-sided, 2n passes) scored worse
+    subspace: bool = True            # Subspace Gradient on
+    templates: str = "object"        # diffusers' TI templates; "style" for styles
+    captions: str | None = None      # per-image captions file (overrides templates)
+    seed: int = 0                    # every draw of step s derives from (seed, s): resumes are exact
+    resolution: int | None = None    # None: the model's native (or static) resolution
+    latent: str = "sample"           # VAE posterior sample per step like the reference; "mean" is deterministic
+    unet_batch: str = "batch"        # "batch": one UNet call of n+1; "single": n+1 calls (less peak memory)
+    provider: str = "auto"           # execution provider short name (see `zoodip providers`)
+    provider_options: tuple[tuple[str, str], ...] = ()   # (key, value) pairs; a tuple keeps the config frozen
+    save_every: int = 500            # checkpoint period in steps (reference save_steps); 0: only at the end
+    sample_every: int = 0            # sample grid period (needs zoodip generate); 0: off
+    resume: bool = False             # continue from OUT/checkpoint.npz
+    progress: bool = True            # tqdm bar
+
+    def __post_init__(self):
+        object.__setattr__(self, "t_range", tuple(int(t) for t in self.t_range))
+        object.__setattr__(self, "provider_options", tuple(tuple(p) for p in self.provider_options))
+        self.zo  # validates the optimizer fields
+        lo, hi = self.t_range
+        if not 0 <= lo < hi <= 1000:
+            raise ValueError(f"--t-range {lo} {hi} must satisfy 0 <= LO < HI <= num_train_timesteps (1000)")
+        for name in ("steps", "num_vectors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0 or self.sample_every < 0:
+            raise ValueError("--save-every and --sample-every must be >= 0")
+        if not self.token.strip() or " " in self.token:
+            raise ValueError(f"--token must be one word such as 'sks', got {self.token!r}")
+        prompts.templates(self.templates)
+        if self.latent not in ("sample", "mean"):
+            raise ValueError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
+        if self.unet_batch not in ("batch", "single"):
+            raise ValueError(f"--unet-batch must be 'batch' or 'single', got {self.unet_batch!r}")
+
+    @property
+    def zo(self) -> zo.ZOConfig:
+        return zo.ZOConfig(queries=self.queries, mu=self.mu, estimator=self.estimator, tau=self.tau,
+                           nu=self.nu, subspace=self.subspace, lr=self.lr)
+
+
+def _place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
+    """Add sks, sks_1, ... to the tokenizer; v0 = the init token's row, (k, d) float32."""
+    pieces = text.tokenizer.tokenize(cfg.init)
+    if len(pieces) != 1:
+        raise ValueError(f"--init {cfg.init!r} is {len(pieces)} tokens {pieces}; the initializer must be a single "
+                         "token: pick one word such as 'dog', 'toy' or 'cat'")
+    init_id = text.tokenizer.token_id(pieces[0])
+    tokens = vector_names(cfg.token, cfg.num_vectors)
+    v0 = np.repeat(np.asarray(text.table[init_id], np.float32)[None], cfg.num_vectors, axis=0)
+    text.add_tokens(tokens, v0)    # ValueError if the placeholder already exists
+    return tokens, v0
+
+
+class _Prompts:
+    """Prompt draws, tokenized once per distinct prompt: (77,) ids, (77, d) base rows, rows where v goes."""
+
+    def __init__(self, text: TextEncoder, tokens: list[str], names: list[str], cfg: TrainConfig):
+        self.text, self.names, self.cache = text, names, {}
+        self.ids = [text.tokenizer.token_id(t) for t in tokens]
+        self.placeholder = " ".join(tokens)   # multi-vector prompts spell every vector, like diffusers
+        self.templates = prompts.templates(cfg.templates)
+        self.captions = prompts.load_captions(cfg.captions, names) if cfg.captions else None
+
+    def draw(self, rng: np.random.Generator, image: int) -> tuple[str, np.ndarray, list[np.ndarray]]:
+        """(prompt, (77, d) float32 token rows, [(r_j,) positions of vector j]) for the step's image."""
+        if self.captions:
+            prompt = self.captions[self.names[image]].format(self.placeholder)
+        else:
+            prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder)
+        if prompt not in self.cache:
+            ids = self.text.tokenizer([prompt])[0]
+            rows = [np.flatnonzero(ids == i) for i in self.ids]
+            if any(r.size == 0 for r in rows):
+                raise ValueError(f"prompt {prompt!r} lost the placeholder when truncated to 77 tokens; shorten it")
+            table = self.text.table                       # (V, d) mmap; learned ids (>= V) are overwritten
+            self.cache[prompt] = (np.asarray(table[np.minimum(ids, table.shape[0] - 1)], np.float32), rows)
+        return (prompt, *self.cache[prompt])
+
+
+@dataclass
+class _Run:
+    """Sessions and fixed data of a run (opened once)."""
+
+    model: ModelDir
+    text: TextEncoder
+    unet: OnnxModel
+    latents: data.Latents
+    prompts: _Prompts
+    tokens: list[str]
+    v0: np.ndarray            # (k, d)
+    alphas: np.ndarray        # (T,) cumulative alphas
+    resolution: int
+    unet_rows: int            # UNet batch per call: passes (batched) or 1
+    text_rows: int            # text-encoder batch per call
+
+
+def _batch_dim(session: OnnxModel, name: str) -> int | None:
+    dim = session.inputs[name].shape[0]
+    return dim if isinstance(dim, int) else None
+
+
+def _rows(session: OnnxModel, name: str, passes: int, want: int, what: str) -> int:
+    """Batch per call: `want` unless a static-shape model fixes it (to passes or to 1)."""
+    fixed = _batch_dim(session, name)
+    if fixed is None or fixed == want:
+        return want
+    if fixed in (1, passes):
+        return fixed
+    raise ValueError(f"{session.path}: static batch {fixed} fits neither 1 nor the {passes} passes of a step; "
+                     f"quantize the {what} with batch 1 or {passes} (or change --queries)")
+
+
+def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
+    model = ModelDir.open(model_dir)
+    res = data.check_resolution(model, cfg.resolution)
+    opts = dict(cfg.provider_options)
+    latents = data.encode_images(model, images_dir, res, out, cfg.provider, opts)
+    text = TextEncoder(model, cfg.provider, opts)
+    tokens, v0 = _place_tokens(text, cfg)
+    unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
+    passes = cfg.zo.passes
+    unet_rows = _rows(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
+    text_rows = _rows(text.session, "inputs_embeds", passes, passes, "text encoder")
+    return _Run(model, text, unet, latents, _Prompts(text, tokens, latents.names, cfg), tokens, v0,
+                model.alphas_cumprod(), res, unet_rows, text_rows)
+
+
+def _losses(run: _Run, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
+            sample: np.ndarray) -> np.ndarray:
+    """(P,) float64 MSE of every pass: text encoder then UNet, batched or one by one."""
+    P = emb.shape[0]
+    tr = run.text_rows
+    hidden = np.concatenate([run.text.encode_embeds(emb[i:i + tr]) for i in range(0, P, tr)])  # (P, 77, d)
+    ts = np.array(t, np.float32)
+    if run.unet.inputs["timestep"].shape:                  # a (B,) timestep input instead of a scalar
+        ts = np.full(run.unet_rows, t, np.float32)
+    sample[:] = x_t                                          # (rows, C, h, w), same x_t for every pass
+    out = np.concatenate([run.unet.run({"sample": sample, "timestep": ts,
+                                        "encoder_hidden_states": hidden[i:i + run.unet_rows]})[0]
+                          for i in range(0, P, run.unet_rows)])           # (P, C, h, w)
+    diff = out.astype(np.float32) - target
+    return np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64)
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep log rows up to `step` (rows after the checkpoint belong to a killed run)."""
+    rows = path.read_text().splitlines() if path.is_file() else []
+    keep = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+    atomic_write_text(path, "".join(r + "\n" for r in keep))
+
+
+def _start(out: Path, cfg: TrainConfig, v0: np.ndarray) -> zo.ZOState:
+    """A fresh optimizer state, or the checkpoint's when resuming (same settings required)."""
+    ck = out / CHECKPOINT
+    if not ck.is_file():
+        if cfg.resume:
+            tqdm.write(f"no {CHECKPOINT} in {out}; starting from step 0")
+        _truncate_log(out / "log.jsonl", 0)
+        return zo.ZOState.start(v0, cfg.zo)
+    with np.load(ck) as z:
+        saved, state = json.loads(str(z["config"])), zo.ZOState.from_arrays(z)
+    if not cfg.resume:
+        raise FileExistsError(f"{out} already holds a run at step {state.step}: pass --resume to continue it, "
+                              "or choose another --out")
+    now = _config_dict(cfg)
+    changed = sorted(k for k in now if saved.get(k) != now[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(f"cannot resume {ck}: {', '.join(f'{k}={saved.get(k)!r} (now {now[k]!r})' for k in changed)}; "
+                         "use the settings of the first run or another --out")
+    if state.v.size != v0.size:
+        raise ValueError(f"{ck} holds {state.v.size} values, this model needs {v0.size}; use another --out")
+    _truncate_log(out / "log.jsonl", state.step)
+    return state
+
+
+def _save(out: Path, run: _Run, state: zo.ZOState, cfg: TrainConfig) -> Path:
+    """Atomic checkpoint (state + config), then the learned embeddings."""
+    arrays = {**state.arrays(), "config": np.array(json.dumps(_config_dict(cfg)))}
+    atomic_write(out / CHECKPOINT, lambda p: data._savez(p, **arrays))
+    return save_learned_embeds(out / "learned_embeds.safetensors", cfg.token, state.v.reshape(run.v0.shape))
+
+
+def _write_config(out: Path, run: _Run, cfg: TrainConfig, images_dir) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+    import onnxruntime
+
+    try:
+        zoodip_version = version("zoodip")
+    except PackageNotFoundError:
+        zoodip_version = "unknown"
+    atomic_write_json(out / "config.json", {
+        "config": _config_dict(cfg), "model": str(run.model.root.resolve()), "images": str(Path(images_dir).resolve()),
+        "images_used": run.latents.names, "tokens": run.tokens, "resolution": run.resolution,
+        "scheme": run.model.manifest.get("scheme"), "prediction_type": run.model.manifest["prediction_type"],
+        "passes_per_step": cfg.zo.passes, "unet_calls_per_step": math.ceil(cfg.zo.passes / run.unet_rows),
+        "provider": run.unet.provider,
+        "versions": {"zoodip": zoodip_version, "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+                     "python": platform.python_version()},
+    })
+
+
+def _sample(out: Path, run: _Run, cfg: TrainConfig, step: int) -> None:
+    """A 4-image grid with the current token, when the generate stage is installed."""
+    try:
+        from .generate import GenerateConfig, generate
+    except ImportError as err:
+        tqdm.write(f"--sample-every: skipping samples ({err})")
+        return
+    gcfg = GenerateConfig(n=4, steps=25, seed=0, height=run.resolution, width=run.resolution, provider=cfg.provider,
+                          provider_options=cfg.provider_options, progress=False)
+    generate(run.model.root, [out / "learned_embeds.safetensors"], f"a photo of {run.prompts.placeholder}",
+             out / "samples" / f"step_{step:06d}", gcfg)
+
+
+def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cfg: TrainConfig) -> Path:
+    """Learn cfg.token on the images; returns OUT/learned_embeds.safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _open(model_dir, images_dir, out, cfg)
+    state = _start(out, cfg, run.v0)
+    _write_config(out, run, cfg, images_dir)
+    zcfg, k, d = cfg.zo, *run.v0.shape
+    P = zcfg.passes
+    pts = np.empty((P, k * d), np.float32)                        # (P, k*d) query points
+    emb = np.empty((P, run.text.tokenizer.max_length, d), np.float32)   # (P, 77, d)
+    C, h = run.latents.mean.shape[2], run.latents.mean.shape[3]
+    sample = np.empty((run.unet_rows, C, h, run.latents.mean.shape[4]), np.float32)
+    sqrt_a, sqrt_1a = np.sqrt(run.alphas), np.sqrt(1 - run.alphas)
+    v_pred = run.model.manifest["prediction_type"] == "v_prediction"
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.token}", unit="step", disable=not cfg.progress)
+    ema, timing = None, []
+    with open(out / "log.jsonl", "a", encoding="utf-8") as log:
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            step = state.step + 1
+            # 1-3. The step's draws, shared by all passes (common random numbers).
+            rng = zo.step_rng(cfg.seed, step)
+            index, flip = int(rng.integers(len(run.latents.names))), bool(rng.random() < 0.5)
+            prompt, base, rows = run.prompts.draw(rng, index)
+            t = zo.sample_timestep(rng, *cfg.t_range)
+            x0 = run.latents.sample(rng, index, flip, cfg.latent)                # (1, C, h, w)
+            eps = rng.standard_normal(x0.shape, dtype=np.float32)
+            x_t = sqrt_a[t] * x0 + sqrt_1a[t] * eps
+            target = (sqrt_a[t] * eps - sqrt_1a[t] * x0).astype(np.float32) if v_pred else eps
+            # 4-5. Losses at v (and v + mu z_i): placeholder rows replaced in every pass.
+            zo.query_points(state.v, cfg.seed, step, zcfg, out=pts)
+            emb[:] = base
+            for j, r in enumerate(rows):
+                emb[:, r] = pts.reshape(P, k, d)[:, j, None]
+            t1 = time.perf_counter()
+            losses = _losses(run, emb, x_t, t, target, sample)
+            t_session = time.perf_counter() - t1
+            if not np.isfinite(losses).all():
+                raise FloatingPointError(
+                    f"loss is not finite at step {step} ({losses.tolist()}, t={t}, prompt {prompt!r}): the model "
+                    f"overflowed or v diverged. The last good checkpoint ({out / CHECKPOINT}, every "
+                    f"{cfg.save_every or cfg.steps} steps) is intact: lower --lr or --mu and resume, or check the model")
+            # 5-7. Estimate, project, Adam, history, PCA refresh.
+            g = zo.update(state, losses, cfg.seed, zcfg)
+            loss = float(losses[0] if cfg.estimator == "rge" else losses.mean())
+            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+            seconds = time.perf_counter() - t0
+            log.write(json.dumps({"step": step, "loss": loss, "t": t, "grad_norm": float(np.linalg.norm(g)),
+                                  "projected_dims": int(state.basis.shape[0]), "seconds": round(seconds, 6),
+                                  "session_seconds": round(t_session, 6)}) + "\n")
+            log.flush()
+            if cfg.save_every and step % cfg.save_every == 0:
+                _save(out, run, state, cfg)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                _save(out, run, state, cfg)
+                _sample(out, run, cfg, step)
+            timing.append((seconds, t_session))
+            bar.set_postfix_str(f"loss {ema:.4f} t {t}", refresh=False)
+            bar.update(1)
+    bar.close()
+    path = _save(out, run, state, cfg)
+    _summary(out, timing, ema, cfg)
+    return path
+
+
+def _summary(out: Path, timing: list, ema: float | None, cfg: TrainConfig) -> None:
+    """Mean step time and the share spent outside session.run (first step = warm-up, left out)."""
+    steady = timing[1:] or timing
+    if not steady:
+        return
+    total, inside = (float(np.sum([s[i] for s in steady])) for i in (0, 1))
+    outside = 1 - inside / total if total > 0 else 0.0
+    tqdm.write(f"{len(timing)} steps, {total / len(steady):.3f} s/step, {100 * outside:.1f}% outside session.run; "
+               f"smoothed loss {ema:.4f}; wrote {out / 'learned_embeds.safetensors'}")
+    atomic_write_json(out / "timing.json", {"steps": len(timing), "step_seconds": total / len(steady),
+                                            "outside_session_share": outside, "passes_per_step": cfg.zo.passes})
