@@ -1,0 +1,120 @@
+"""Where the weights come from: a local diffusers folder, a hub id, or a single-file checkpoint; checked before any work."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+SUPPORTED = "SD 1.x (CLIP ViT-L/14 text encoder) and SD 2.x (OpenCLIP-H text encoder, epsilon or v-prediction)"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Hub files an export needs: safetensors weights and configs; never pickles, flax or onnx copies.
+_HUB_ALLOW = ["model_index.json", *(f"{c}/*" for c in COMPONENTS)]
+_HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is unreadable ({err}): the diffusers folder is damaged; re-download it") from err
+
+
+def is_single_file(source: str | Path) -> bool:
+    return str(source).endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+
+
+def resolve(source: str | Path) -> Path:
+    """A local diffusers folder (downloading a hub id first); FileNotFoundError/ValueError naming the fix."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file, not a model: pass a diffusers folder, a .safetensors checkpoint or a hub id")
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return _download(text)
+    raise FileNotFoundError(f"{path} does not exist: pass a diffusers folder (with unet/, vae/, text_encoder/), "
+                            "a .safetensors checkpoint, or a Hugging Face hub id such as runwayml/stable-diffusion-v1-5")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE))
+    except Exception as err:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise ValueError(f"{repo_id} is not a local folder and could not be fetched from the Hugging Face Hub "
+                         f"({type(err).__name__}); check the id and the network, or pass a local diffusers folder") from err
+
+
+def check_architecture(folder: Path) -> dict:
+    """Refuse anything but SD 1.x/2.x text-to-image; return the component configs {unet, vae, text_encoder, scheduler}."""
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    pipe_cls = index.get("_class_name", "")
+    if "XL" in pipe_cls or "text_encoder_2" in index:
+        raise ValueError(f"{folder} is SDXL ({pipe_cls or 'two text encoders'}), which is not supported: "
+                         f"zoodip exports {SUPPORTED}")
+    if not (folder / "unet").is_dir():
+        what = f" ({pipe_cls}, a transformer-based model)" if "transformer" in index else ""
+        raise ValueError(f"{folder} has no unet/ folder{what}: pass a diffusers Stable Diffusion folder; "
+                         f"zoodip exports {SUPPORTED}")
+    for comp in COMPONENTS:
+        if not (folder / comp).is_dir():
+            raise ValueError(f"{folder} has no {comp}/ folder: pass a complete diffusers StableDiffusionPipeline folder")
+    cfg = {c: _read_json(folder / c / "config.json") for c in ("unet", "vae", "text_encoder")}
+    cfg["scheduler"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    unet, text = cfg["unet"], cfg["text_encoder"]
+    reason = None
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        reason = f"its UNet is {unet.get('_class_name')}"
+    elif unet.get("addition_embed_type") == "text_time":
+        reason = "its UNet takes SDXL text_time conditioning"
+    elif unet.get("in_channels") != 4 or unet.get("out_channels", 4) != 4:
+        reason = f"its UNet has {unet.get('in_channels')} input channels (inpainting/depth/upscaler variants need 4)"
+    elif unet.get("class_embed_type") or unet.get("num_class_embeds"):
+        reason = "its UNet is class-conditioned (e.g. the x4 upscaler)"
+    elif "CLIPTextModel" not in (text.get("architectures") or ["CLIPTextModel"]):
+        reason = f"its text encoder is {text.get('architectures')}, not a CLIP text model"
+    elif unet.get("cross_attention_dim") != text.get("hidden_size"):
+        reason = "its UNet cross-attention width differs from the text encoder width"
+    if reason:
+        raise ValueError(f"{folder} is not a supported architecture ({reason}): zoodip exports {SUPPORTED}")
+    return cfg
+
+
+def family(text_cfg: dict) -> str:
+    """sd2 for OpenCLIP text encoders (gelu), sd1 for OpenAI CLIP (quick_gelu)."""
+    return "sd2" if text_cfg.get("hidden_act") == "gelu" else "sd1"
+
+
+def weight_bytes(folder: Path) -> dict[str, int]:
+    """Bytes of weights per component (what the export will roughly write)."""
+    sizes = {}
+    for comp in ("unet", "vae", "text_encoder"):
+        files = [p for p in (folder / comp).iterdir() if p.suffix in (".safetensors", ".bin")]
+        # A folder may hold fp32 and fp16 variants; the export writes fp32, so count the largest.
+        sizes[comp] = max((p.stat().st_size for p in files), default=0)
+    return sizes
+
+
+def single_file_to_folder(checkpoint: Path, config: str | Path | None, dest: Path) -> Path:
+    """Convert a single-file SD checkpoint to a diffusers folder at dest, resolving its config offline."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint} does not exist: pass the path of a .safetensors checkpoint")
+    if checkpoint.suffix != ".safetensors":
+        raise ValueError(f"{checkpoint} is a pickle checkpoint, which zoodip refuses to load: "
+                         "convert it to .safetensors or pass a diffusers folder")
+    import torch
+    from diffusers import StableDiffusionPipeline
+    kwargs = {"config": str(config)} if config else {}
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(checkpoint), torch_dtype=torch.float32,
+                                                        local_files_only=True, **kwargs)
+    except Exception as err:  # diffusers raises several types when the config cannot be resolved offline
+        raise ValueError(f"could not load {checkpoint} as an SD 1.x/2.x checkpoint offline ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''}); pass --config with a local diffusers "
+                         "folder of the same architecture (e.g. one written by `zoodip replica`), or export a "
+                         "diffusers folder instead") from err
+    pipe.save_pretrained(dest, safe_serialization=True)
+    del pipe
+    return dest
