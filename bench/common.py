@@ -1,0 +1,208 @@
+"""Shared benchmark plumbing: machine facts, peak RSS, isolated worker processes, JSON output.
+
+Peak RSS is the process's own accounting: the kernel's high-water mark (`ru_maxrss`, `VmHWM`),
+which counts every page the process ever had resident (weights, activations, arenas), so it is
+the number that decides whether a run fits in a laptop's memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+from zo_runtime.io_utils import atomic_write_json
+
+GIB = 2 ** 30
+# Packages whose versions decide the numbers; read from metadata so nothing heavy is imported.
+PACKAGES = ("numpy", "onnxruntime", "onnx", "torch", "diffusers", "transformers", "optimum", "optimum-onnx")
+# Said in every result: other engineers' jobs share the 2 cores, so times are upper bounds.
+SHARED_MACHINE_NOTE = ("step times measured on a shared, loaded machine (another job trains a model on the "
+                       "same 2 cores): treat times as upper bounds; peak RSS is per process and unaffected")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) * 1024 / GIB, 2)
+    except OSError:
+        pass
+    return None
+
+
+def machine_facts() -> dict:
+    """CPU model, cores, memory, OS, Python and package versions, load average at the time of the call."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "mem_total_gib": _mem_total_gib(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's high-water resident set: /proc VmHWM, else ru_maxrss.
+
+    VmHWM first: after a vfork+exec, Linux folds the parent's peak into the child's ru_maxrss,
+    while VmHWM belongs to the child's own address space only.
+    """
+    hwm = _proc_status_kib("VmHWM")
+    if hwm:
+        return hwm * 1024
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == "darwin" else ru * 1024  # macOS reports bytes, Linux KiB
+
+
+def current_rss_bytes() -> int:
+    kib = _proc_status_kib("VmRSS")
+    return (kib or 0) * 1024
+
+
+def gib(n_bytes: float) -> float:
+    return round(n_bytes / GIB, 3)
+
+
+class RssSampler:
+    """Samples this process's RSS every `period` s in a thread; `mark(label)` records the phase boundaries."""
+
+    def __init__(self, period: float = 0.25):
+        self.period = period
+        self.t0 = time.perf_counter()
+        self.samples: list[tuple[float, int]] = []    # (seconds since start, rss bytes)
+        self.marks: dict[str, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self.t0, current_rss_bytes()))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def mark(self, label: str) -> None:
+        """Phase boundary: seconds since start, current RSS and the high-water mark so far."""
+        self.marks[label] = {"t": round(time.perf_counter() - self.t0, 2), "rss_gb": gib(current_rss_bytes()),
+                             "peak_rss_gb": gib(peak_rss_bytes())}
+
+    def peak_between(self, start: str, end: str | None = None) -> float | None:
+        """Largest sampled RSS (GiB) between two marks: e.g. the steady training phase without set-up."""
+        lo = self.marks.get(start, {}).get("t")
+        hi = self.marks.get(end, {}).get("t", float("inf")) if end else float("inf")
+        vals = [r for t, r in self.samples if lo is not None and lo <= t <= hi]
+        return gib(max(vals)) if vals else None
+
+    def peak_after(self, t: float) -> float | None:
+        """Largest sampled RSS (GiB) from `t` seconds after the start on (e.g. once training steps begin)."""
+        vals = [r for s, r in self.samples if s >= t]
+        return gib(max(vals)) if vals else None
+
+    def timeline(self, points: int = 120) -> list[list[float]]:
+        """Down-sampled [[t, rss_gb], ...] for plots (every k-th sample keeps the file small)."""
+        k = max(1, len(self.samples) // points)
+        return [[round(t, 2), gib(r)] for t, r in self.samples[::k]]
+
+
+def time_stats(seconds: list[float]) -> dict:
+    """Median (robust to a neighbour's load spikes), mean, min, max and count of a list of durations."""
+    if not seconds:
+        return {"median": None, "mean": None, "min": None, "max": None, "n": 0}
+    s = sorted(seconds)
+    mid = len(s) // 2
+    median = s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+    r = lambda x: round(x, 4)
+    return {"median": r(median), "mean": r(sum(s) / len(s)), "min": r(s[0]), "max": r(s[-1]), "n": len(s)}
+
+
+def write_json(path: str | Path, obj: dict) -> Path:
+    """Atomic JSON write (sorted keys, indented): results are diffed and committed."""
+    return atomic_write_json(path, obj)
+
+
+def run_isolated(module: str, args: list[str], log: str | Path | None = None, timeout: float | None = None,
+                 env: dict | None = None) -> dict:
+    """Run `python -m module *args --result F` in a fresh process; return its JSON plus the kernel's view.
+
+    The child reports its own peak (VmHWM of its address space). The parent also records os.wait4's
+    ru_maxrss for that child, which Linux raises to the parent's own peak at exec: equal to the child's
+    figure when the parent is small (bench.memory imports nothing heavy), an upper bound otherwise.
+    """
+    with tempfile.TemporaryDirectory(prefix="zoodip-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", module, *args, "--result", str(result)]
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            rusage = _wait(proc, timeout)
+        finally:
+            if log:
+                out.close()
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            where = f"; see {log}" if log else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}{where}")
+        data = json.loads(result.read_text())
+    data["process"] = {"peak_rss_gb_wait4": gib(rusage.ru_maxrss * 1024), "parent_peak_rss_gb": gib(peak_rss_bytes()), "wall_seconds": round(wall, 2),
+                       "user_seconds": round(rusage.ru_utime, 2), "system_seconds": round(rusage.ru_stime, 2),
+                       "command": " ".join(cmd[1:-2])}
+    return data
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None):
+    """os.wait4 on the child (rusage of that child only); kill it past `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return rusage
+        if deadline and time.monotonic() > deadline:
+            proc.kill()
+            deadline = None   # next wait4 blocks until the kill lands
+        time.sleep(0.2)

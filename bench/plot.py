@@ -1,0 +1,169 @@
+"""PNG memory bars and the README's markdown tables, generated from bench.memory / bench.speed JSON.
+
+    python -m bench.plot bench/results/memory_512.json bench/results/memory_256.json \
+        --speed bench/results/speed.json --png bench/results/memory.png --table bench/results/table.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from zo_runtime.io_utils import atomic_write, atomic_write_text
+
+from .memory import GOAL_RSS_RATIO, GOAL_STEP_SLACK
+from .speed import N_QUERIES
+
+SCHEME_ORDER = ("fp32", "fp16", "w8", "w8a8", "w4")
+
+
+def load(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: run `python -m bench.memory --out {p}` (or bench.speed) first")
+    return json.loads(p.read_text())
+
+
+def _schemes(mem: dict) -> list[str]:
+    have = list(mem.get("schemes", {}))
+    return [s for s in SCHEME_ORDER if s in have] + [s for s in have if s not in SCHEME_ORDER]
+
+
+def _fmt(x, nd=2, suffix="") -> str:
+    return "–" if x is None else f"{x:.{nd}f}{suffix}"
+
+
+def memory_rows(mem: dict) -> list[tuple[str, dict]]:
+    """(label, result) rows: torch_ti first, then zoodip per scheme (the default marked)."""
+    rows = [("PyTorch TI (fp32, backprop)", mem["torch_ti"])] if "torch_ti" in mem else []
+    for s in _schemes(mem):
+        star = " (default)" if s == mem.get("default_scheme") else ""
+        rows.append((f"zoodip {s}{star}", mem["schemes"][s]))
+    return rows
+
+
+def memory_table(mems: list[dict]) -> str:
+    """One row per contender and resolution: peak RSS, ratio vs TI, step time, passes, overhead share."""
+    head = ("| method | px | peak RSS (GiB) | TI / method | step (s) | forward passes / step "
+            "| outside session.run |\n|---|---|---|---|---|---|---|")
+    lines = [head]
+    for mem in mems:
+        ti = mem.get("torch_ti", {}).get("peak_rss_gb")
+        for label, r in memory_rows(mem):
+            ratio = ti / r["peak_rss_gb"] if ti and r.get("peak_rss_gb") else None
+            passes = r.get("forward_passes_per_step")
+            if r.get("backward_passes_per_step"):
+                passes = f"{passes} + {r['backward_passes_per_step']} backward"
+            share = r.get("outside_session_run_share")
+            lines.append(f"| {label} | {mem['resolution']} | {_fmt(r.get('peak_rss_gb'))} | {_fmt(ratio, 1, 'x')} "
+                         f"| {_fmt(r.get('step_seconds'), 1)} | {passes} | {_fmt(None if share is None else 100 * share, 1, '%')} |")
+    return "\n".join(lines)
+
+
+def speed_table(speed: dict) -> str:
+    """UNet / text-encoder forward seconds per scheme, batch 1 and n+1, per resolution, with file sizes."""
+    res = [str(r) for r in speed["config"]["resolutions"]]
+    bs = [str(b) for b in speed["config"]["batches"]]
+    cols = [f"UNet {r} px b{b} (s)" for r in res for b in bs] + [f"text enc. b{b} (s)" for b in bs]
+    lines = ["| scheme | UNet MB | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    schemes = speed["schemes"]
+    for s in [x for x in SCHEME_ORDER if x in schemes] + [x for x in schemes if x not in SCHEME_ORDER]:
+        r = schemes[s]
+        cells = [_fmt(r["unet"].get(px, {}).get(b, {}).get("median")) for px in res for b in bs]
+        cells += [_fmt(r["text_encoder"].get(b, {}).get("median"), 3) for b in bs]
+        lines.append(f"| {s} | {_fmt(r.get('unet_mb'), 0)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals(mems: list[dict], speed: dict | None) -> list[str]:
+    """The issue's goals, each with the measured value and met / not met."""
+    out = []
+    for mem in mems:
+        summ = mem.get("summary", {})
+        if mem.get("resolution") == 512 and "default_rss_ratio" in summ:
+            ok = "met" if summ["default_rss_ratio"] >= GOAL_RSS_RATIO else "NOT met"
+            out.append(f"- Peak RSS at 512 px: PyTorch TI {mem['torch_ti']['peak_rss_gb']:.2f} GiB vs zoodip "
+                       f"{mem['default_scheme']} {mem['zoodip']['peak_rss_gb']:.2f} GiB = "
+                       f"{summ['default_rss_ratio']:.1f}x (goal >= {GOAL_RSS_RATIO:.0f}x): {ok}.")
+    if speed and speed.get("training"):
+        tr, px = speed["training"], str(speed["training"]["resolution"])
+        unet = speed["schemes"].get(tr["scheme"] or "fp32", {}).get("unet", {}).get(px, {})
+        b1, bn = unet.get("1", {}).get("median"), unet.get(str(N_QUERIES + 1), {}).get("median")
+        if tr.get("step_seconds") and b1:
+            bound = (N_QUERIES + 1) * b1 * (1 + GOAL_STEP_SLACK)
+            ok = "met" if tr["step_seconds"] <= bound else "NOT met"
+            best = f", one batch-{N_QUERIES + 1} call {bn:.2f} s" if bn else ""
+            out.append(f"- zoodip step at {px} px ({tr['scheme']}): {tr['step_seconds']:.2f} s vs "
+                       f"{N_QUERIES + 1} x {b1:.2f} s UNet forwards{best}; bound {bound:.2f} s: {ok}.")
+        if tr.get("outside_session_run_share") is not None:
+            share = 100 * tr["outside_session_run_share"]
+            out.append(f"- Share of a step outside session.run: {share:.1f}% (goal < 5%): "
+                       f"{'met' if share < 5 else 'NOT met'}.")
+    return out
+
+
+def plot_memory(mems: list[dict], png: str | Path) -> Path:
+    """Horizontal peak-RSS bars per resolution, TI in grey, zoodip schemes in colour, the 5x line dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(mems), figsize=(6.2 * len(mems), 3.6), squeeze=False)
+    for ax, mem in zip(axes[0], mems):
+        rows = memory_rows(mem)
+        labels = [label for label, _ in rows][::-1]
+        vals = [r.get("peak_rss_gb") or 0.0 for _, r in rows][::-1]
+        colors = ["#888888" if lab.startswith("PyTorch") else "#1f77b4" for lab in labels]
+        bars = ax.barh(labels, vals, color=colors)
+        for bar, v in zip(bars, vals):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.2f}", va="center", fontsize=8)
+        ti = mem.get("torch_ti", {}).get("peak_rss_gb")
+        if ti:
+            ax.axvline(ti / GOAL_RSS_RATIO, ls="--", color="#d62728", lw=1)
+            ax.text(ti / GOAL_RSS_RATIO, len(rows) - 0.45, f" goal: TI / {GOAL_RSS_RATIO:.0f}", color="#d62728",
+                    fontsize=8)
+        ax.set_xlabel("peak RSS (GiB), one process each")
+        ax.set_title(f"Training memory, SD 1.5 replica, {mem['resolution']} px", fontsize=10)
+        ax.set_xlim(0, max(vals + [1.0]) * 1.18)
+    fig.tight_layout()
+    out = atomic_write(png, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
+def render(mems: list[dict], speed: dict | None) -> str:
+    """The markdown block for the README: goals, memory table, speed table, the measurement note."""
+    parts = ["### Memory and step time (one fresh process per method)", "", memory_table(mems), ""]
+    if speed:
+        parts += ["### Forward time per scheme (median seconds, 2 cores)", "", speed_table(speed), ""]
+    g = goals(mems, speed)
+    if g:
+        parts += ["### Goals", "", *g, ""]
+    m = mems[0]["machine"] if mems else speed["machine"]
+    parts.append(f"Machine: {m['cpu_model']}, {m['usable_cores']} cores, {m['mem_total_gib']} GiB; "
+                 f"onnxruntime {m['versions'].get('onnxruntime')}, torch {m['versions'].get('torch')}. "
+                 f"Note: {(mems[0] if mems else speed)['note']}.")
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("memory", nargs="*", help="bench.memory JSON files (one per resolution)")
+    p.add_argument("--speed", default=None, help="bench.speed JSON")
+    p.add_argument("--png", default=None, help="memory bar chart to write")
+    p.add_argument("--table", default=None, help="markdown file to write (also printed)")
+    a = p.parse_args(argv)
+    mems = sorted((load(m) for m in a.memory), key=lambda m: -m["resolution"])
+    speed = load(a.speed) if a.speed else None
+    if not mems and not speed:
+        p.error("give at least one memory JSON or --speed")
+    if a.png and mems:
+        print(f"wrote {plot_memory(mems, a.png)}")
+    text = render(mems, speed)
+    if a.table:
+        atomic_write_text(a.table, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

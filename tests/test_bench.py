@@ -1,0 +1,73 @@
+"""bench/: the harness on the tiny model writes the expected JSON with real numbers; the TI reference is TI."""
+import json
+
+import numpy as np
+import pytest
+
+from bench import common, memory, plot, speed, torch_ti
+
+IMAGES = memory.DEFAULT_IMAGES
+RES = 32   # tiny models: 16x16 latents
+
+
+def test_peak_rss_sees_a_large_allocation():
+    before = common.peak_rss_bytes()
+    block = np.ones(160 * 2 ** 20 // 8)          # 160 MiB, every page touched
+    after = common.peak_rss_bytes()
+    assert after - before >= 120 * 2 ** 20, (before, after)
+    assert block.sum() > 0
+    assert common.time_stats([3.0, 1.0, 2.0, 10.0])["median"] == 2.5
+
+
+def test_torch_ti_gradient_only_on_placeholder_row(tiny_diffusers):
+    import torch
+
+    cfg = torch_ti.TorchTIConfig(resolution=RES, steps=1, warmup=0, max_images=2)
+    parts = torch_ti.load(tiny_diffusers, cfg)
+    latents = torch_ti.encode_images(parts, IMAGES, cfg)
+    assert latents.shape == (2, 4, RES // 2, RES // 2)
+    ids = torch_ti.prompt_ids(parts, cfg)
+    assert parts.placeholder_id in ids[0].tolist()
+    table = parts.text_encoder.get_input_embeddings().weight
+    before = table.detach().clone()
+    loss = torch_ti.ti_loss(parts, latents, ids, torch.Generator().manual_seed(0))
+    loss.backward()
+    rows = table.grad.abs().sum(dim=1).nonzero().flatten().tolist()
+    assert rows == [parts.placeholder_id]          # true gradient reaches the placeholder row, and only it
+    parts.optimizer.zero_grad(set_to_none=True)
+    torch_ti.ti_step(parts, latents, ids, torch.Generator().manual_seed(1))
+    changed = (table.detach() - before).abs().sum(dim=1).nonzero().flatten().tolist()
+    assert changed == [parts.placeholder_id]       # weight decay's drift on other rows is restored
+
+
+def test_memory_harness_writes_expected_keys(tiny_diffusers, tiny_exported, tmp_path):
+    cfg = memory.MemoryConfig(base=tiny_diffusers, resolution=RES, zoodip_steps=3, ti_steps=1,
+                              models=(tiny_exported,), log_dir=tmp_path / "logs", default_scheme="fp32")
+    out = memory.run(cfg, tmp_path / "memory.json")
+    res = json.loads(out.read_text())
+    assert set(res) >= {"zoodip", "torch_ti", "schemes", "machine", "summary", "note"}
+    assert res["machine"]["logical_cores"] >= 1 and res["machine"]["versions"]["onnxruntime"]
+    zo, ti = res["zoodip"], res["torch_ti"]
+    assert res["schemes"] == {"fp32": zo}
+    for r in (zo, ti):
+        assert r["peak_rss_gb"] > 0.02 and r["step_seconds"] > 0
+        # the kernel's wait4 view bounds the child's own VmHWM (it also folds in this parent's peak at exec)
+        assert r["process"]["peak_rss_gb_wait4"] >= r["peak_rss_gb"] - 0.01
+    assert zo["forward_passes_per_step"] == 3 and zo["session_calls"]["unet"] == 3
+    assert zo["torch_imported"] is False           # zoodip trained in a process without torch
+    assert 0 <= zo["outside_session_run_share"] < 1
+    assert ti["forward_passes_per_step"] == 1 and ti["backward_passes_per_step"] == 1
+    assert res["summary"]["rss_ratio_vs_torch_ti"]["fp32"] == pytest.approx(ti["peak_rss_gb"] / zo["peak_rss_gb"], rel=0.02)
+    md = plot.render([res], None)
+    assert "| zoodip fp32 (default) | 32 |" in md and "PyTorch TI" in md
+    png = plot.plot_memory([res], tmp_path / "m.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speed_worker_times_every_shape(tiny_exported):
+    res = speed.time_folder(tiny_exported, resolutions=(RES, 2 * RES), batches=(1, 3), repeats=1)
+    assert res["scheme"] == "fp32" and res["unet_mb"] > 0
+    for px in (str(RES), str(2 * RES)):
+        for b in ("1", "3"):
+            assert res["unet"][px][b]["median"] > 0
+    assert res["text_encoder"]["3"]["median"] > 0 and res["peak_rss_gb"] > 0
