@@ -1,0 +1,334 @@
+"""Quantize an exported zoodip model (w8a8, w8, w4, fp16; cpu/qnn/openvino/npu-static) behind fidelity gates.
+
+Which tool does what, and why:
+- w8a8 ranges: our own streaming MinMax (calibration.stream_minmax): onnxruntime's calibrator holds every
+  weight several times over and was killed at 24 GB on the SD 1.5 UNet at 512 px.
+- w8a8 QDQ graph, cpu/openvino/npu-static: Optimum's ORTQuantizer with a static AutoQuantizationConfig,
+  fed the precomputed ranges (`calibration_tensors_range`); its `fit` is the calibrator we avoid.
+- w8a8 for QNN: onnxruntime's get_qnn_qdq_config (uint16 activations, uint8 weights, QNN's overrides) and
+  quantize_static reading our ranges from a calibration cache; Optimum has no QNN configuration.
+- w8 / w4: weight_only.py: onnxruntime's MatMulNBitsQuantizer (8/4-bit MatMul, fp32 compute) and our INT8
+  QDQ on Conv/Gemm weights; static targets get INT8 QDQ on every weight (portable to NPU providers).
+- fp16: onnxruntime.transformers.float16 with float32 inputs/outputs kept, so callers do not change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from zo_runtime.io_utils import atomic_write_json
+from zo_runtime.model_dir import MANIFEST, SUBMODELS, ModelDir
+
+from . import calibration as cal
+from . import gates as gt
+from . import weight_only as wo
+
+SCHEMES = ("w8a8", "w8", "w4", "fp16")
+TARGETS = ("cpu", "qnn", "openvino", "npu-static")
+STATIC_TARGETS = ("qnn", "openvino", "npu-static")
+VAES = ("vae_encoder", "vae_decoder")
+# w8 MatMul block: 64 divides SD's 320/640/768/1280, and one fp32 scale per 64 weights costs 6% over INT8.
+W8_BLOCK = 64
+TWO_GB = 2 * 1024 ** 3 - 64 * 1024 ** 2   # protobuf's limit, with room for the graph itself
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    scheme: str = "w8"                 # weight-only INT8: the published method's scheme and the gates' best (README table)
+    target: str = "cpu"                # cpu: dynamic shapes; qnn/openvino/npu-static: fixed shapes for NPUs
+    calib_images: str | None = None    # None: calibration.DEFAULT_CALIB_DIR (e.g. your own training photos)
+    calib_samples: int = 16            # UNet calibration samples (x_t, t, prompt); >= 16 keeps MinMax ranges stable
+    text_samples: int = 32             # text-encoder calibration prompts (cheap: 77 tokens each)
+    gate_samples: int = 8              # held-out samples per output/conditioning gate
+    zo_directions: int = 32            # random unit directions of the ZO gate (>= 32 for a stable correlation)
+    zo_mus: tuple = (1e-3, 1e-2)       # SD 1.x and SD 2.x/XL smoothing of the method
+    resolution: int | None = None      # px for calibration, gates and static shapes; None: the model's native size
+    static_batch: int = 1              # batch of static-shape models: 1 lets every caller loop
+    block_size: int = 32               # w4 block: divides SD's 320/640/768/1280 (128 would not divide 320)
+    matmul_accuracy_level: int = 1     # MatMulNBits compute: 1 = fp32; 4 = int8 is faster but wipes the ZO signal
+    chunk: int | None = None           # tensors per calibration pass; None: all at once (fits 12 GB on SD 1.5)
+    prompt_file: str | None = None     # DreamBooth prompts_and_classes.txt; None: the built-in copy of its prompts
+    gate: bool = True                  # False (--no-gate): write the model even when a gate is missed
+    force: bool = False                # replace an existing OUT
+    seed: int = 0                      # noise, timesteps and directions of calibration and gates
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}: choose one of {', '.join(TARGETS)}")
+        if self.target == "qnn" and self.scheme in ("w8", "w4"):
+            raise ValueError("QNN's HTP runs fully quantized (w8a8) or fp16 graphs: use --scheme w8a8 or fp16")
+        if self.calib_samples < 1 or self.text_samples < 1 or self.gate_samples < 1:
+            raise ValueError("--calib-samples and gate sample counts must be >= 1")
+        if self.zo_directions < 8:
+            raise ValueError("zo_directions must be >= 8 for a meaningful correlation (32 recommended)")
+        if self.matmul_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError("matmul_accuracy_level is MatMulNBits' accuracy_level: 0..4 (1 = fp32 compute)")
+        if self.static_batch < 1:
+            raise ValueError("static_batch must be >= 1")
+
+    @property
+    def static(self) -> bool:
+        return self.target in STATIC_TARGETS
+
+
+def quantize_model(source: str | Path, out: str | Path, config: QuantizeConfig = QuantizeConfig()) -> Path:
+    """Quantize the exported model SOURCE into OUT (same layout, gates in the manifest); returns OUT."""
+    src = ModelDir.open(source)
+    out = Path(out).expanduser()
+    key = _key(src, config)
+    if _reusable(out, key, config.force):
+        print(f"{out} already holds this quantization ({config.scheme}, {config.target}); reusing it "
+              "(pass --force to redo it)")
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _quantize_into(src, tmp, config)
+        manifest["quantize_key"] = key
+        atomic_write_json(tmp / MANIFEST, manifest)
+        _umask_modes(tmp)
+        ModelDir.open(tmp)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"quantized {src.root} -> {out} ({config.scheme}, {config.target}); gates: "
+          + ("all held" if manifest["gates"]["passed"] else "; ".join(manifest["gates"]["failed"])))
+    return out
+
+
+def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
+    """Everything but the final rename: copy, quantize each submodel, fix shapes, measure gates."""
+    _copy_support_files(src, tmp)
+    res = cfg.resolution or int(src.manifest["native_resolution"])
+    factor = int(src.manifest["vae_scale_factor"])
+    if res % (factor * 8):
+        raise ValueError(f"resolution {res} must be a multiple of {factor * 8} (VAE factor {factor} x 8)")
+    images = cal.list_images(cfg.calib_images or cal.DEFAULT_CALIB_DIR)
+    prompts = Path(cfg.prompt_file) if cfg.prompt_file else None
+    calib = cal.real_inputs(src, images, res, cfg.text_samples, False, prompts, cfg.seed)
+    held = cal.real_inputs(src, images, res, cfg.gate_samples, True, prompts, cfg.seed)
+    alphas = src.alphas_cumprod()
+    shapes = {"batch": cfg.static_batch, "height": res, "width": res} if cfg.static else None
+    batch = cfg.static_batch if cfg.static else None
+    gates: dict = {}
+    for sub in tqdm(SUBMODELS, desc=f"quantize {cfg.scheme}", unit="submodel"):
+        dst = tmp / sub / "model.onnx"
+        n = cfg.text_samples if sub == "text_encoder" else cfg.calib_samples
+        feeds = (lambda s=sub, n=n: cal.calibration_feeds(s, calib, alphas, n, cfg.seed, _inputs(src.onnx(s))))
+        _quantize_submodel(sub, src.onnx(sub), dst, cfg, feeds)
+        if shapes:
+            fix_static_shapes(dst, sub, src, shapes)
+        held_feeds = cal.calibration_feeds(sub, held, alphas, cfg.gate_samples, cfg.seed + 1, _inputs(src.onnx(sub)))
+        gates[sub] = gt.output_fidelity(src.onnx(sub), dst, held_feeds, batch, sub)
+        if sub in VAES:
+            gates[sub]["quantized"] = gt.vae_passes(gates[sub])
+            if not gates[sub]["quantized"]:  # the VAE is outside the training loop: keep it float, say so
+                _replace_with_float(src.onnx(sub), dst)
+                if shapes:
+                    fix_static_shapes(dst, sub, src, shapes)
+    gates["unet"].update(gt.conditioning_fidelity(src.onnx("unet"), tmp / "unet" / "model.onnx", held, alphas,
+                                                  cfg.gate_samples, cfg.seed + 2, batch))
+    gates["zo"] = _zo_gate(src, tmp, held, alphas, cfg, batch)
+    failed = gt.failures(gates)
+    gates.update(passed=not failed, failed=failed, thresholds=gt.thresholds())
+    if failed and cfg.gate:
+        raise ValueError(f"quantization gates missed for --scheme {cfg.scheme}: {'; '.join(failed)}. Nothing was "
+                         "written; pass --no-gate to keep the model anyway, or use --scheme w8 (weight-only INT8)")
+    return dict(src.manifest, scheme=cfg.scheme, target=cfg.target, static_shapes=shapes, gates=_rounded(gates),
+                quantized_from=str(src.root.resolve()), quantize=dataclasses.asdict(cfg), files=_file_hashes(tmp))
+
+
+def _zo_gate(src: ModelDir, tmp: Path, held: cal.RealInputs, alphas, cfg: QuantizeConfig, batch) -> dict:
+    """Gate 3 on the prompt 'a photo of a sks' with the placeholder row at the class word's embedding."""
+    from zo_runtime.text import TextEncoder
+    text = TextEncoder(src)
+    slot_id = text.tokenizer.add_tokens([cal.PLACEHOLDER])[0]
+    ids = text.tokenizer([cal.TI_TEMPLATES[0].format(cal.PLACEHOLDER)])       # (1, 77)
+    base = text.token_embeds(ids)                                             # (1, 77, d)
+    slot = int((ids[0] == slot_id).nonzero()[0][0])
+    del text
+    samples = gt.zo_samples(held, alphas, cfg.seed + 3)
+    ref = (src.onnx("text_encoder"), src.onnx("unet"), None)
+    q = (tmp / "text_encoder" / "model.onnx", tmp / "unet" / "model.onnx", batch)
+    return gt.zo_fidelity(ref, q, base, slot, samples, held.class_vector, cfg.zo_mus, cfg.zo_directions, cfg.seed + 4)
+
+
+def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feeds) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.scheme == "w8a8":
+        ranges = cal.stream_minmax(src, feeds(), chunk=cfg.chunk, desc=f"calibrate {sub}")
+        if cfg.target == "qnn":
+            _qdq_qnn(src, dst, ranges)
+        else:
+            _qdq_optimum(src, dst, ranges)
+        return
+    model = onnx.load(str(src))
+    if cfg.scheme == "w8" and cfg.static:
+        wo.int8_weight_only(model)                     # plain QDQ: what NPU execution providers read
+    elif cfg.scheme in ("w8", "w4"):
+        bits, block = (8, W8_BLOCK) if cfg.scheme == "w8" else (4, cfg.block_size)
+        model = wo.nbits_matmul(model, bits, block, cfg.matmul_accuracy_level)
+        wo.int8_weight_only(model, ("Conv", "Gemm"))   # convolutions and 2-D Gemms: INT8 (MatMulNBits is MatMul only)
+    else:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        model = convert_float_to_float16(model, keep_io_types=True)
+    save_model(model, dst)
+
+
+def _qdq_optimum(src: Path, dst: Path, ranges) -> None:
+    """Static QDQ, per-channel INT8 weights, UINT8 activations, with our ranges (Optimum's ORTQuantizer)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # ORTQuantizer looks for a transformers config; never online
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    qconfig = AutoQuantizationConfig.avx512_vnni(is_static=True, per_channel=True)   # u8 activations, s8 weights
+    quantizer = ORTQuantizer.from_pretrained(src.parent, file_name=src.name)
+    quantizer.quantize(qconfig, dst.parent, file_suffix=None, calibration_tensors_range=ranges,
+                       use_external_data_format=_weight_bytes(src) > TWO_GB)
+    (dst.parent / "ort_config.json").unlink(missing_ok=True)   # Optimum's record; the manifest has ours
+
+
+def _qdq_qnn(src: Path, dst: Path, ranges) -> None:
+    """QNN HTP: uint16 activations, uint8 weights, QNN's overrides; opset < 21 gets com.microsoft Q/DQ (QNN takes it)."""
+    from onnxruntime.quantization import QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    qc = get_qnn_qdq_config(str(src), calibration_data_reader=None, activation_type=QuantType.QUInt16,
+                            weight_type=QuantType.QUInt8)
+    cache = dst.parent / "calibration.json"
+    save_tensors_data(ranges, cache)
+    try:
+        quantize_static(str(src), str(dst), None, quant_format=qc.quant_format, op_types_to_quantize=qc.op_types_to_quantize,
+                        per_channel=qc.per_channel, activation_type=qc.activation_type, weight_type=qc.weight_type,
+                        nodes_to_exclude=qc.nodes_to_exclude, use_external_data_format=_weight_bytes(src) > TWO_GB,
+                        calibrate_method=qc.calibrate_method, extra_options=qc.extra_options,
+                        calibration_cache_path=str(cache))
+    finally:
+        cache.unlink(missing_ok=True)
+
+
+def static_input_shapes(sub: str, src: ModelDir, shapes: dict) -> dict[str, list[int]]:
+    """Fixed input and output shapes of one submodel: batch, 77 tokens, fixed pixels and latents."""
+    B, H, W = shapes["batch"], shapes["height"], shapes["width"]
+    f, C, d, T = (int(src.manifest[k]) for k in ("vae_scale_factor", "latent_channels", "embedding_dim", "max_length"))
+    latent = [B, C, H // f, W // f]
+    return {"text_encoder": {"inputs_embeds": [B, T, d], "last_hidden_state": [B, T, d]},
+            "unet": {"sample": latent, "encoder_hidden_states": [B, T, d], "out_sample": latent},
+            "vae_encoder": {"sample": [B, 3, H, W], "latent_parameters": [B, 2 * C, H // f, W // f]},
+            "vae_decoder": {"latent_sample": latent, "sample": [B, 3, H, W]}}[sub]
+
+
+def fix_static_shapes(path: Path, sub: str, src: ModelDir, shapes: dict) -> None:
+    """Pin the dims of inputs/outputs in place (graph only; external weights stay where they are)."""
+    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
+
+    model = onnx.load(str(path), load_external_data=False)
+    fixed = static_input_shapes(sub, src, shapes)
+    for vi in model.graph.input:
+        if vi.name in fixed:
+            make_input_shape_fixed(model.graph, vi.name, fixed[vi.name])
+    for vi in model.graph.output:
+        if vi.name in fixed:
+            for dim, value in zip(vi.type.tensor_type.shape.dim, fixed[vi.name]):
+                dim.Clear()
+                dim.dim_value = value
+    onnx.save(model, str(path))
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save; models over 2 GB put their weights in model.onnx_data beside it (the export layout)."""
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB
+    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+              location="model.onnx_data")
+
+
+def _replace_with_float(src: Path, dst: Path) -> None:
+    for f in dst.parent.iterdir():
+        f.unlink()
+    for f in src.parent.iterdir():
+        if f.name.startswith("model.onnx"):
+            shutil.copy2(f, dst.parent / f.name)
+
+
+def _inputs(path: Path):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_inputs()
+
+
+def _weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
+
+
+def _copy_support_files(src: ModelDir, dst: Path) -> None:
+    """Tokenizer, scheduler, token table and anything else that is not a submodel graph or its weights."""
+    for f in sorted(src.root.rglob("*")):
+        rel = f.relative_to(src.root)
+        if not f.is_file() or f.name == MANIFEST or (rel.parts[0] in SUBMODELS and f.name.startswith("model.onnx")):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dst / rel)
+
+
+def _key(src: ModelDir, cfg: QuantizeConfig) -> str:
+    """What makes two quantizations the same: the source's file hashes and every setting but force/gate."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("force", "gate")}
+    blob = json.dumps({"files": src.manifest["files"], "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reusable(out: Path, key: str, force: bool) -> bool:
+    if not out.exists() or force:
+        return False
+    try:
+        done = ModelDir.open(out)
+    except (ValueError, FileNotFoundError):
+        raise FileExistsError(f"{out} exists but is not a finished zoodip quantization: pass --force to replace "
+                              "it or choose another OUT") from None
+    if done.manifest.get("quantize_key") == key:
+        return True
+    raise FileExistsError(f"{out} holds a different quantization (scheme {done.manifest.get('scheme')}, other "
+                          "settings or source): pass --force to replace it or choose another OUT")
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    from .manifest import file_hashes   # the exporter's definition, so both stages hash alike
+    return file_hashes(root)
+
+
+def _umask_modes(root: Path) -> None:
+    from ._fs import umask_modes
+    umask_modes(root)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename tmp to OUT; an old OUT (--force) is moved aside first and removed after the rename."""
+    old = out.with_name(f".{out.name}.old.{os.getpid()}") if out.exists() else None
+    if old:
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, 5)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
