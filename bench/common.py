@@ -164,33 +164,43 @@ def write_json(path: str | Path, obj: dict) -> Path:
     return atomic_write_json(path, obj)
 
 
+def run_measured(cmd: list[str], log: str | Path | None = None, timeout: float | None = None,
+                 env: dict | None = None) -> dict:
+    """Run a command; its exit code, wall time and the kernel's rusage of that child (os.wait4).
+
+    ru_maxrss of a child is its own peak RSS, raised by Linux to the parent's peak at exec: keep the
+    parent small (the bench orchestrators import nothing heavy) and it is the child's figure.
+    """
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        rusage = _wait(proc, timeout)
+    finally:
+        if log:
+            out.close()
+    return {"returncode": proc.returncode, "wall_seconds": round(time.perf_counter() - t0, 2),
+            "peak_rss_gb_wait4": gib(rusage.ru_maxrss * 1024), "parent_peak_rss_gb": gib(peak_rss_bytes()),
+            "user_seconds": round(rusage.ru_utime, 2), "system_seconds": round(rusage.ru_stime, 2),
+            "command": " ".join(str(c) for c in cmd)}
+
+
 def run_isolated(module: str, args: list[str], log: str | Path | None = None, timeout: float | None = None,
                  env: dict | None = None) -> dict:
     """Run `python -m module *args --result F` in a fresh process; return its JSON plus the kernel's view.
 
-    The child reports its own peak (VmHWM of its address space). The parent also records os.wait4's
-    ru_maxrss for that child, which Linux raises to the parent's own peak at exec: equal to the child's
-    figure when the parent is small (bench.memory imports nothing heavy), an upper bound otherwise.
+    The child reports its own peak (VmHWM of its address space); `process` adds run_measured's view.
     """
     with tempfile.TemporaryDirectory(prefix="zoodip-bench-") as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, *args, "--result", str(result)]
-        out = open(log, "ab") if log else subprocess.DEVNULL
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-            rusage = _wait(proc, timeout)
-        finally:
-            if log:
-                out.close()
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
+        proc = run_measured(cmd, log, timeout, env)
+        if proc["returncode"] != 0:
             where = f"; see {log}" if log else ""
-            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}{where}")
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc['returncode']}{where}")
         data = json.loads(result.read_text())
-    data["process"] = {"peak_rss_gb_wait4": gib(rusage.ru_maxrss * 1024), "parent_peak_rss_gb": gib(peak_rss_bytes()), "wall_seconds": round(wall, 2),
-                       "user_seconds": round(rusage.ru_utime, 2), "system_seconds": round(rusage.ru_stime, 2),
-                       "command": " ".join(cmd[1:-2])}
+    proc["command"] = " ".join(cmd[1:-2])
+    data["process"] = proc
     return data
 
 
