@@ -42,7 +42,7 @@ def export_model(source: str | Path, out: str | Path, *, force: bool = False, op
                  config: str | Path | None = None) -> Path:
     """Export SOURCE (diffusers folder, hub id or .safetensors file) to OUT; returns OUT."""
     cfg = ExportConfig(opset=opset, force=force, config=str(config) if config else None)
-    out = Path(out).expanduser()
+    out = Path(out).expanduser().resolve()  # resolved: 'a/missing/../b' must not be created half-way
     if _reusable(out, cfg.force):
         print(f"{out} already holds a complete zoodip export; reusing it (pass --force to re-export)")
         return out

@@ -84,7 +84,7 @@ def write_replica(kind: str, out: str | Path, seed: int = 0, tokenizer_dir: str 
     """Write a diffusers StableDiffusionPipeline folder for `kind` (sd15|sd21|tiny|tiny-v) with seeded random weights."""
     if kind not in SPECS:
         raise ValueError(f"unknown replica {kind!r}: choose one of {', '.join(KINDS)}")
-    out = Path(out)
+    out = Path(out).expanduser().resolve()  # resolved: 'a/missing/../b' must not be created half-way
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else TOKENIZER_DIR
     if not (tok_dir / "vocab.json").is_file() or not (tok_dir / "merges.txt").is_file():
         raise FileNotFoundError(f"{tok_dir} lacks vocab.json/merges.txt: set ZOODIP_CLIP_TOKENIZER to the CLIP BPE folder")

@@ -84,3 +84,148 @@ def test_vae_matches_diffusers(pair):
         want = ref.decode(torch.from_numpy(latent)).sample.numpy()
     assert got.shape == (1, 3, H, H)
     assert _max_err(got, want) < 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_manifest_facts_and_hashes(tiny_exported, tiny_v_exported):
+    from export.manifest import verify_files
+    for path, family, pad, pred in [(tiny_exported, "sd1", "<|endoftext|>", "epsilon"),
+                                    (tiny_v_exported, "sd2", "!", "v_prediction")]:
+        m = ModelDir.open(path).manifest
+        assert set(MANIFEST_KEYS) <= set(m)
+        assert (m["family"], m["pad_token"], m["prediction_type"], m["scheme"]) == (family, pad, pred, "fp32")
+        assert (m["embedding_dim"], m["vocab_size"], m["max_length"], m["latent_channels"]) == (32, 49408, 77, 4)
+        assert (m["vae_scale_factor"], m["native_resolution"], m["num_train_timesteps"]) == (2, 32, 1000)
+        assert ModelDir.open(path).token_table().shape == (49408, 32)
+        written = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"manifest.json"}
+        assert set(m["files"]) == written and verify_files(path, m) == []
+        assert all(m["versions"][k] != "absent" for k in ("torch", "onnx", "onnxruntime", "diffusers"))
+
+
+def test_manifest_hash_detects_tampering(tmp_path, tiny_exported):
+    import shutil
+    from export.manifest import verify_files
+    copy = shutil.copytree(tiny_exported, tmp_path / "copy")
+    with open(copy / "scheduler" / "scheduler_config.json", "a") as f:
+        f.write(" ")
+    assert verify_files(copy, ModelDir.open(copy).manifest) == ["scheduler/scheduler_config.json"]
+
+
+def test_exported_tokenizer_ids(tiny_exported, tiny_v_exported):
+    want = [49406, 320, 1125, 539, 320, 1929, 49407]
+    ids = ClipTokenizer(ModelDir.open(tiny_exported).tokenizer_dir, "<|endoftext|>")("a photo of a dog")[0]
+    assert ids[:7].tolist() == want and (ids[7:] == 49407).all()
+    ids_v = ClipTokenizer(ModelDir.open(tiny_v_exported).tokenizer_dir, "!")("a photo of a dog")[0]
+    assert ids_v[:7].tolist() == want and (ids_v[7:] == 0).all()  # "!" is id 0
+
+
+def test_reuse_and_force(tmp_path, tiny_diffusers, capsys):
+    from click.testing import CliRunner
+    from export.onnx_export import export_model
+    from zo_runtime.cli import main
+    out = export_model(tiny_diffusers, tmp_path / "onnx")
+    mtime = (out / "unet" / "model.onnx").stat().st_mtime_ns
+    res = CliRunner().invoke(main, ["export", str(tiny_diffusers), str(out)])
+    assert res.exit_code == 0 and "reusing" in res.output
+    assert (out / "unet" / "model.onnx").stat().st_mtime_ns == mtime
+    res = CliRunner().invoke(main, ["export", str(tiny_diffusers), str(out), "--force"])
+    assert res.exit_code == 0, res.output
+    assert (out / "unet" / "model.onnx").stat().st_mtime_ns != mtime
+    ModelDir.open(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+def _cli_error(args) -> str:
+    from click.testing import CliRunner
+    from zo_runtime.cli import main
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output and not isinstance(res.exception, (RuntimeError, AttributeError, KeyError))
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), res.output
+    return lines[0]
+
+
+def _variant(src, tmp_path, name, edit):
+    """A copy of a diffusers folder with one config edited: edit(folder)."""
+    import shutil
+    folder = shutil.copytree(src, tmp_path / name)
+    edit(folder)
+    return folder
+
+
+def _edit_json(path, **changes):
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_diffusers):
+    out = str(tmp_path / "out")
+    assert "does not exist" in _cli_error(["export", str(tmp_path / "nope"), out])
+    (tmp_path / "empty").mkdir()
+    assert "no unet/ folder" in _cli_error(["export", str(tmp_path / "empty"), out])
+    sdxl = _variant(tiny_diffusers, tmp_path, "sdxl", lambda f: _edit_json(
+        f / "model_index.json", _class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "X"]))
+    msg = _cli_error(["export", str(sdxl), out])
+    assert "SDXL" in msg and "SD 1.x" in msg and "SD 2.x" in msg
+    inpaint = _variant(tiny_diffusers, tmp_path, "inpaint", lambda f: _edit_json(f / "unet" / "config.json", in_channels=9))
+    assert "not a supported architecture" in _cli_error(["export", str(inpaint), out])
+    assert "not a local folder and could not be fetched" in _cli_error(["export", "nobody/no-such-model-zz", out])
+    assert "does not exist" in _cli_error(["export", str(tmp_path / "missing.safetensors"), out])
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_permission_and_no_disk(tmp_path, tiny_diffusers, monkeypatch):
+    import collections
+    import os
+    import shutil
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # tests run as root, where chmod alone is ignored
+    assert "cannot write to" in _cli_error(["export", str(tiny_diffusers), out])
+    monkeypatch.undo()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1 << 20))
+    msg = _cli_error(["export", str(tiny_diffusers), out])
+    assert "not enough disk space" in msg and "GiB" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help_does_not_import_torch():
+    code = ("import sys\nfrom zo_runtime.cli import main\n"
+            "for args in (['--help'], ['export', '--help'], ['replica', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'optimum') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "replica" in res.stdout and "--force" in res.stdout and "--seed" in res.stdout
+
+
+@pytest.mark.parametrize("kind,counts", [
+    # Parameter counts of the published checkpoints (unet, vae, text encoder): the replicas are those architectures.
+    ("sd15", (859_520_964, 83_653_863, 123_060_480)),
+    ("sd21", (865_910_724, 83_653_863, 340_387_840)),
+])
+def test_replica_architectures_match_published_sizes(kind, counts):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from export.replica import SPECS
+    spec = SPECS[kind]
+    with torch.device("meta"):  # shapes only, no memory
+        models = (UNet2DConditionModel(**spec["unet"]), AutoencoderKL(**spec["vae"]),
+                  CLIPTextModel(CLIPTextConfig(**spec["text"])))
+    assert tuple(sum(p.numel() for p in m.parameters()) for m in models) == counts
+
+
+def test_replica_is_seeded(tmp_path):
+    from safetensors.numpy import load_file
+    from export.replica import write_replica
+    a = write_replica("tiny", tmp_path / "a", seed=3)
+    b = write_replica("tiny", tmp_path / "b", seed=3)
+    c = write_replica("tiny", tmp_path / "c", seed=4)
+    f = "unet/diffusion_pytorch_model.safetensors"
+    wa, wb, wc = (load_file(p / f) for p in (a, b, c))
+    k = "conv_in.weight"
+    assert np.array_equal(wa[k], wb[k]) and not np.array_equal(wa[k], wc[k])
+    pad = json.loads((a / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"]
+    assert (pad if isinstance(pad, str) else pad["content"]) == "<|endoftext|>"
