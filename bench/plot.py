@@ -33,6 +33,11 @@ def _fmt(x, nd=2, suffix="") -> str:
     return "–" if x is None else f"{x:.{nd}f}{suffix}"
 
 
+def _model_name(mem: dict) -> str:
+    base = Path(mem.get("config", {}).get("base", "model")).name
+    return {"sd15": "SD 1.5 replica", "sd21": "SD 2.1 replica"}.get(base, base)
+
+
 def memory_rows(mem: dict) -> list[tuple[str, dict]]:
     """(label, result) rows: torch_ti first, then zoodip per scheme (the default marked)."""
     rows = [("PyTorch TI (fp32, backprop)", mem["torch_ti"])] if "torch_ti" in mem else []
@@ -119,12 +124,35 @@ def plot_memory(mems: list[dict], png: str | Path) -> Path:
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.2f}", va="center", fontsize=8)
         ti = mem.get("torch_ti", {}).get("peak_rss_gb")
         if ti:
-            ax.axvline(ti / GOAL_RSS_RATIO, ls="--", color="#d62728", lw=1)
-            ax.text(ti / GOAL_RSS_RATIO, len(rows) - 0.45, f" goal: TI / {GOAL_RSS_RATIO:.0f}", color="#d62728",
-                    fontsize=8)
+            ax.axvline(ti / GOAL_RSS_RATIO, ls="--", color="#d62728", lw=1,
+                       label=f"goal: PyTorch TI / {GOAL_RSS_RATIO:.0f}")
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel("peak RSS (GiB), one process each")
-        ax.set_title(f"Training memory, SD 1.5 replica, {mem['resolution']} px", fontsize=10)
+        ax.set_title(f"Training peak RSS, {_model_name(mem)}, {mem['resolution']} px", fontsize=10)
         ax.set_xlim(0, max(vals + [1.0]) * 1.18)
+    fig.tight_layout()
+    out = atomic_write(png, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
+def plot_timeline(mem: dict, png: str | Path) -> Path:
+    """RSS over time of each contender's process (set-up, then training steps) at one resolution."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for label, r in memory_rows(mem):
+        tl = r.get("rss_timeline") or []
+        if tl:
+            ax.plot([p[0] for p in tl], [p[1] for p in tl], label=label, lw=1.4,
+                    color="#888888" if label.startswith("PyTorch") else None)
+    ax.set_xlabel("seconds since the process started its run")
+    ax.set_ylabel("RSS (GiB)")
+    ax.set_title(f"RSS over a short run (set-up + a few steps), {_model_name(mem)}, {mem['resolution']} px",
+                 fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     out = atomic_write(png, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
@@ -151,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("memory", nargs="*", help="bench.memory JSON files (one per resolution)")
     p.add_argument("--speed", default=None, help="bench.speed JSON")
     p.add_argument("--png", default=None, help="memory bar chart to write")
+    p.add_argument("--timeline-png", default=None, help="RSS-over-time plot of the first memory JSON")
     p.add_argument("--table", default=None, help="markdown file to write (also printed)")
     a = p.parse_args(argv)
     mems = sorted((load(m) for m in a.memory), key=lambda m: -m["resolution"])
@@ -159,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give at least one memory JSON or --speed")
     if a.png and mems:
         print(f"wrote {plot_memory(mems, a.png)}")
+    if a.timeline_png and mems:
+        print(f"wrote {plot_timeline(mems[0], a.timeline_png)}")
     text = render(mems, speed)
     if a.table:
         atomic_write_text(a.table, text)
