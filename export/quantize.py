@@ -14,6 +14,7 @@ Which tool does what, and why:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import hashlib
 import json
 import os
@@ -189,6 +190,7 @@ def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feed
 def _qdq_optimum(src: Path, dst: Path, ranges) -> None:
     """Static QDQ, per-channel INT8 weights, UINT8 activations, with our ranges (Optimum's ORTQuantizer)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # ORTQuantizer looks for a transformers config; never online
+    logging.getLogger("optimum.onnxruntime.quantization").setLevel(logging.ERROR)   # "could not load the config"
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
