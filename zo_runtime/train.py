@@ -187,6 +187,35 @@ def _losses(run: _Run, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndar
     return np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64)
 
 
+def _draw(run: _Run, cfg: TrainConfig, seed: int, step: int):
+    """A step's draws, common to all its passes: image, flip, prompt, t, noise -> x_t and the target."""
+    rng = zo.step_rng(seed, step)
+    index, flip = int(rng.integers(len(run.latents.names))), bool(rng.random() < 0.5)
+    prompt, base, rows = run.prompts.draw(rng, index)
+    t = zo.sample_timestep(rng, *cfg.t_range)
+    x0 = run.latents.sample(rng, index, flip, cfg.latent)                 # (1, C, h, w)
+    eps = rng.standard_normal(x0.shape, dtype=np.float32)
+    a = run.alphas[t]
+    x_t = (np.sqrt(a) * x0 + np.sqrt(1 - a) * eps).astype(np.float32)
+    if run.model.manifest["prediction_type"] == "v_prediction":
+        return prompt, base, rows, t, x_t, (np.sqrt(a) * eps - np.sqrt(1 - a) * x0).astype(np.float32)
+    return prompt, base, rows, t, x_t, eps
+
+
+def eval_loss(run: _Run, cfg: TrainConfig, vectors: np.ndarray, draws: int = 16, seed: int = 10_000) -> float:
+    """Mean loss of (k, d) vectors over a fixed set of draws (same images, t, noise for any vectors)."""
+    emb = np.empty((1, run.text.tokenizer.max_length, vectors.shape[1]), np.float32)
+    sample = np.empty((run.unet_rows, *run.latents.mean.shape[2:]), np.float32)
+    total = 0.0
+    for step in range(1, draws + 1):
+        _, base, rows, t, x_t, target = _draw(run, cfg, seed, step)
+        emb[:] = base
+        for j, r in enumerate(rows):
+            emb[:, r] = vectors[j]
+        total += float(np.mean([_losses(run, emb[[0] * run.unet_rows], x_t, t, target, sample)]))
+    return total / draws
+
+
 def _config_dict(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))
 
@@ -274,23 +303,13 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
     emb = np.empty((P, run.text.tokenizer.max_length, d), np.float32)   # (P, 77, d)
     C, h = run.latents.mean.shape[2], run.latents.mean.shape[3]
     sample = np.empty((run.unet_rows, C, h, run.latents.mean.shape[4]), np.float32)
-    sqrt_a, sqrt_1a = np.sqrt(run.alphas), np.sqrt(1 - run.alphas)
-    v_pred = run.model.manifest["prediction_type"] == "v_prediction"
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.token}", unit="step", disable=not cfg.progress)
     ema, timing = None, []
     with open(out / "log.jsonl", "a", encoding="utf-8") as log:
         while state.step < cfg.steps:
             t0 = time.perf_counter()
             step = state.step + 1
-            # 1-3. The step's draws, shared by all passes (common random numbers).
-            rng = zo.step_rng(cfg.seed, step)
-            index, flip = int(rng.integers(len(run.latents.names))), bool(rng.random() < 0.5)
-            prompt, base, rows = run.prompts.draw(rng, index)
-            t = zo.sample_timestep(rng, *cfg.t_range)
-            x0 = run.latents.sample(rng, index, flip, cfg.latent)                # (1, C, h, w)
-            eps = rng.standard_normal(x0.shape, dtype=np.float32)
-            x_t = sqrt_a[t] * x0 + sqrt_1a[t] * eps
-            target = (sqrt_a[t] * eps - sqrt_1a[t] * x0).astype(np.float32) if v_pred else eps
+            prompt, base, rows, t, x_t, target = _draw(run, cfg, cfg.seed, step)   # 1-3: shared by all passes
             # 4-5. Losses at v (and v + mu z_i): placeholder rows replaced in every pass.
             zo.query_points(state.v, cfg.seed, step, zcfg, out=pts)
             emb[:] = base
@@ -305,12 +324,13 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
                     f"overflowed or v diverged. The last good checkpoint ({out / CHECKPOINT}, every "
                     f"{cfg.save_every or cfg.steps} steps) is intact: lower --lr or --mu and resume, or check the model")
             # 5-7. Estimate, project, Adam, history, PCA refresh.
+            projected = int(state.basis.shape[0]) if cfg.subspace else 0   # dims removed from this step's g
             g = zo.update(state, losses, cfg.seed, zcfg)
             loss = float(losses[0] if cfg.estimator == "rge" else losses.mean())
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             seconds = time.perf_counter() - t0
             log.write(json.dumps({"step": step, "loss": loss, "t": t, "grad_norm": float(np.linalg.norm(g)),
-                                  "projected_dims": int(state.basis.shape[0]), "seconds": round(seconds, 6),
+                                  "projected_dims": projected, "seconds": round(seconds, 6),
                                   "session_seconds": round(t_session, 6)}) + "\n")
             log.flush()
             if cfg.save_every and step % cfg.save_every == 0:
