@@ -84,6 +84,15 @@ def test_v_prediction_pipeline_matches_diffusers(tiny_v_diffusers, tiny_v_export
     _parity(tiny_v_diffusers, tiny_v_exported, tmp_path, "ddim")
 
 
+def test_multi_vector_token_expands_once(tiny_exported, tmp_path):
+    gen = Generator(tiny_exported, [_embeds(tmp_path / "e.safetensors", _dim(tiny_exported), k=3)], provider="cpu")
+    full = f"{TOKEN} {TOKEN}_1 {TOKEN}_2"
+    assert gen.prompt_text(f"a {TOKEN} dog") == f"a {full} dog"
+    assert gen.prompt_text(f"a {full} dog") == f"a {full} dog"          # pre-expanded prompts stay as they are
+    ids = gen.text.tokenizer([gen.prompt_text(f"a {TOKEN}")])[0]
+    assert (ids >= gen.text.tokenizer.base_vocab_size).sum() == 3
+
+
 def test_guidance_pair_is_one_unet_call_per_step(tiny_exported, tmp_path):
     gen = Generator(tiny_exported, [_embeds(tmp_path / "e.safetensors", _dim(tiny_exported))], provider="cpu")
     batches = []

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +122,8 @@ class Generator:
     def prompt_text(self, prompt: str) -> str:
         """Expand multi-vector tokens in a prompt ('sks' -> 'sks sks_1 sks_2'), like diffusers' TI loader."""
         for token, full in self.expand.items():
-            if full != token:
-                prompt = prompt.replace(token, full)
+            if full != token and full not in prompt:          # already spelled out: leave it
+                prompt = re.sub(re.escape(token) + r"(?!_\d)", full, prompt)
         return prompt
 
     def size(self, height: int | None, width: int | None) -> tuple[int, int]:
