@@ -209,7 +209,10 @@ def _prompt_images(gen: Generator, prompt: str, cfg: EvaluateConfig, p: int, fol
 
 def contact_sheet(path: Path, real: list[np.ndarray], rows: list[list[np.ndarray]]) -> Path:
     """Top row: the real photos; then one row per prompt: a real photo beside that prompt's generated images."""
-    thumb = lambda x: np.asarray(Image.fromarray(x).resize((THUMB, THUMB), Image.Resampling.BICUBIC))  # noqa: E731
+    def thumb(x):        # center square, then THUMB px (photos are not square; don't squash them)
+        s = min(x.shape[:2])
+        top, left = (x.shape[0] - s) // 2, (x.shape[1] - s) // 2
+        return np.asarray(Image.fromarray(x[top:top + s, left:left + s]).resize((THUMB, THUMB), Image.Resampling.BICUBIC))
     cols = max(len(rows[0]) + 1 if rows else 1, min(len(real), 8))
     cells = [thumb(x) for x in real[:cols]] + [np.full((THUMB, THUMB, 3), 255, np.uint8)] * (cols - min(len(real), cols))
     for p, row in enumerate(rows):
