@@ -125,12 +125,14 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
     gates: dict = {}
     for sub in tqdm(SUBMODELS, desc=f"quantize {cfg.scheme}", unit="submodel"):
         dst = tmp / sub / "model.onnx"
-        n = cfg.text_samples if sub == "text_encoder" else cfg.calib_samples
+        # VAE inputs are the photos themselves: repeating one adds nothing to MinMax, so one pass per photo.
+        n = {"text_encoder": cfg.text_samples, "unet": cfg.calib_samples}.get(sub, len(calib.images))
+        n_held = {"text_encoder": cfg.gate_samples, "unet": cfg.gate_samples}.get(sub, len(held.images))
         feeds = (lambda s=sub, n=n: cal.calibration_feeds(s, calib, alphas, n, cfg.seed, _inputs(src.onnx(s))))
         _quantize_submodel(sub, src.onnx(sub), dst, cfg, feeds)
         if shapes:
             fix_static_shapes(dst, sub, src, shapes)
-        held_feeds = cal.calibration_feeds(sub, held, alphas, cfg.gate_samples, cfg.seed + 1, _inputs(src.onnx(sub)))
+        held_feeds = cal.calibration_feeds(sub, held, alphas, n_held, cfg.seed + 1, _inputs(src.onnx(sub)))
         gates[sub] = gt.output_fidelity(src.onnx(sub), dst, held_feeds, batch, sub)
         if sub in VAES:
             gates[sub]["quantized"] = gt.vae_passes(gates[sub])
