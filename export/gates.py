@@ -61,17 +61,18 @@ def output_fidelity(ref_path: Path, q_path: Path, feeds: list[dict], batch: int 
 def conditioning_fidelity(ref_path: Path, q_path: Path, inputs: RealInputs, alphas: np.ndarray, n: int,
                           seed: int, batch: int | None) -> dict:
     """Gate 2: cosine of eps(cond) - eps(uncond), quantized vs fp32, mean and worst over n held-out samples."""
-    ref, q = OnnxModel(ref_path), OnnxModel(q_path)
-    ins = ref.session.get_inputs()
-    cosines = []
-    for i, (x_t, t, _, _) in enumerate(tqdm(list(unet_samples(inputs, alphas, n, seed)), desc="gate cond", leave=False)):
-        cond = inputs.cond[i % len(inputs.cond)][None]                        # (1, 77, d)
-        diffs = []
-        for m, b in ((ref, None), (q, batch)):
-            ec = run_one(m, unet_feeds(ins, x_t, t, cond), b)
-            eu = run_one(m, unet_feeds(ins, x_t, t, inputs.uncond), b)
-            diffs.append(ec - eu)                                             # (1, C, h, w)
-        cosines.append(cosine(*diffs))
+    samples = list(unet_samples(inputs, alphas, n, seed))
+    diffs = []
+    for path, b in ((ref_path, None), (q_path, batch)):        # one UNet in memory at a time
+        m = OnnxModel(path)
+        ins = m.session.get_inputs()
+        d = []
+        for i, (x_t, t, _, _) in enumerate(tqdm(samples, desc="gate cond", leave=False)):
+            cond = inputs.cond[i % len(inputs.cond)][None]                    # (1, 77, d)
+            d.append(run_one(m, unet_feeds(ins, x_t, t, cond), b) - run_one(m, unet_feeds(ins, x_t, t, inputs.uncond), b))
+        diffs.append(d)                                                       # n x (1, C, h, w)
+        del m
+    cosines = [cosine(a, b) for a, b in zip(*diffs)]
     return {"cond_cosine": float(np.mean(cosines)), "cond_cosine_min": float(np.min(cosines))}
 
 

@@ -128,11 +128,12 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
         # VAE inputs are the photos themselves: repeating one adds nothing to MinMax, so one pass per photo.
         n = {"text_encoder": cfg.text_samples, "unet": cfg.calib_samples}.get(sub, len(calib.images))
         n_held = {"text_encoder": cfg.gate_samples, "unet": cfg.gate_samples}.get(sub, len(held.images))
-        feeds = (lambda s=sub, n=n: cal.calibration_feeds(s, calib, alphas, n, cfg.seed, _inputs(src.onnx(s))))
+        ins = _inputs(src.onnx(sub))
+        feeds = (lambda s=sub, n=n, ins=ins: cal.calibration_feeds(s, calib, alphas, n, cfg.seed, ins))
         _quantize_submodel(sub, src.onnx(sub), dst, cfg, feeds)
         if shapes:
             fix_static_shapes(dst, sub, src, shapes)
-        held_feeds = cal.calibration_feeds(sub, held, alphas, n_held, cfg.seed + 1, _inputs(src.onnx(sub)))
+        held_feeds = cal.calibration_feeds(sub, held, alphas, n_held, cfg.seed + 1, ins)
         gates[sub] = gt.output_fidelity(src.onnx(sub), dst, held_feeds, batch, sub)
         if sub in VAES:
             gates[sub]["quantized"] = gt.vae_passes(gates[sub])
@@ -266,11 +267,16 @@ def _replace_with_float(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst.parent / f.name)
 
 
-def _inputs(path: Path):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_inputs()
+def _inputs(path: Path) -> list:
+    """Graph inputs as onnxruntime reports them (name, type string, shape), read without loading weights."""
+    from types import SimpleNamespace
+    types = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.FLOAT16: "tensor(float16)",
+             onnx.TensorProto.INT64: "tensor(int64)", onnx.TensorProto.INT32: "tensor(int32)"}
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    return [SimpleNamespace(name=i.name, type=types.get(i.type.tensor_type.elem_type, "tensor(float)"),
+                            shape=[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim])
+            for i in graph.input if i.name not in inits]
 
 
 def _weight_bytes(path: Path) -> int:
