@@ -1,6 +1,7 @@
 """Torch-free generation vs diffusers' StableDiffusionPipeline on tiny models; files, determinism, errors."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -156,6 +157,20 @@ def test_static_batch_model_runs_guidance_in_chunks(tiny_exported, tmp_path):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= IMAGE_ATOL_U8
     with pytest.raises(ValueError, match="static-shape"):
         gen.sample("a dog", GenerateConfig(n=1, steps=1, height=64, width=64, progress=False))
+
+
+@pytest.mark.slow
+def test_quantized_static_model_generates_close_to_fp32(tiny_exported, tmp_path):
+    from export.quantize import QuantizeConfig, quantize_model
+    q = quantize_model(tiny_exported, tmp_path / "w8", QuantizeConfig(
+        scheme="w8", target="npu-static", gate=False, calib_samples=2, text_samples=2, gate_samples=1,
+        zo_directions=8, calib_images=str(Path(__file__).resolve().parents[2] / "shared/datasets/dreambooth/dog")))
+    embeds = _embeds(tmp_path / "e.safetensors", _dim(tiny_exported))
+    cfg = GenerateConfig(n=2, steps=4, progress=False)
+    got = Generator(q, [embeds], provider="cpu").sample(PROMPT, cfg)
+    want = Generator(tiny_exported, [embeds], provider="cpu").sample(PROMPT, cfg)
+    # INT8 weights: a few levels off at most on average, far below the images' own spread.
+    assert np.abs(got.astype(int) - want).mean() < 0.1 * want.std()
 
 
 def test_bad_embeds_files_give_clear_errors(tiny_exported, tmp_path):
