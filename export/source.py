@@ -49,6 +49,9 @@ def _download(repo_id: str) -> Path:
 
 def check_architecture(folder: Path) -> dict:
     """Refuse anything but SD 1.x/2.x text-to-image; return the component configs {unet, vae, text_encoder, scheduler}."""
+    if (folder / "manifest.json").is_file():
+        raise ValueError(f"{folder} is already a zoodip ONNX export: pass the diffusers folder it came from, "
+                         "or use it directly with the other zoodip commands")
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     pipe_cls = index.get("_class_name", "")
     if "XL" in pipe_cls or "text_encoder_2" in index:

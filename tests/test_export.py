@@ -118,15 +118,17 @@ def test_exported_tokenizer_ids(tiny_exported, tiny_v_exported):
     assert ids_v[:7].tolist() == want and (ids_v[7:] == 0).all()  # "!" is id 0
 
 
-def test_reuse_and_force(tmp_path, tiny_diffusers, capsys):
+def test_reuse_and_force(tmp_path, tiny_diffusers, tiny_exported):
+    import shutil
     from click.testing import CliRunner
-    from export.onnx_export import export_model
     from zo_runtime.cli import main
-    out = export_model(tiny_diffusers, tmp_path / "onnx")
+    out = shutil.copytree(tiny_exported, tmp_path / "onnx")
     mtime = (out / "unet" / "model.onnx").stat().st_mtime_ns
     res = CliRunner().invoke(main, ["export", str(tiny_diffusers), str(out)])
     assert res.exit_code == 0 and "reusing" in res.output
     assert (out / "unet" / "model.onnx").stat().st_mtime_ns == mtime
+    (out / "vae_decoder" / "model.onnx").unlink()  # incomplete: refused without --force
+    assert "--force" in _cli_error(["export", str(tiny_diffusers), str(out)])
     res = CliRunner().invoke(main, ["export", str(tiny_diffusers), str(out), "--force"])
     assert res.exit_code == 0, res.output
     assert (out / "unet" / "model.onnx").stat().st_mtime_ns != mtime
@@ -172,6 +174,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_diffusers):
     assert "not a supported architecture" in _cli_error(["export", str(inpaint), out])
     assert "not a local folder and could not be fetched" in _cli_error(["export", "nobody/no-such-model-zz", out])
     assert "does not exist" in _cli_error(["export", str(tmp_path / "missing.safetensors"), out])
+    junk = tmp_path / "junk.safetensors"
+    from safetensors.numpy import save_file
+    save_file({"w": np.zeros((2, 2), np.float32)}, junk)
+    assert "could not load" in _cli_error(["export", str(junk), out])
     assert not (tmp_path / "out").exists()
 
 
@@ -217,15 +223,12 @@ def test_replica_architectures_match_published_sizes(kind, counts):
     assert tuple(sum(p.numel() for p in m.parameters()) for m in models) == counts
 
 
-def test_replica_is_seeded(tmp_path):
+def test_replica_is_seeded(tmp_path, tiny_diffusers, tiny_v_diffusers):
     from safetensors.numpy import load_file
     from export.replica import write_replica
-    a = write_replica("tiny", tmp_path / "a", seed=3)
-    b = write_replica("tiny", tmp_path / "b", seed=3)
-    c = write_replica("tiny", tmp_path / "c", seed=4)
-    f = "unet/diffusion_pytorch_model.safetensors"
-    wa, wb, wc = (load_file(p / f) for p in (a, b, c))
-    k = "conv_in.weight"
-    assert np.array_equal(wa[k], wb[k]) and not np.array_equal(wa[k], wc[k])
-    pad = json.loads((a / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"]
+    again = write_replica("tiny", tmp_path / "again", seed=0)  # the tiny_diffusers fixture used seed 0
+    f, k = "unet/diffusion_pytorch_model.safetensors", "conv_in.weight"
+    w0, w0b, w1 = (load_file(p / f)[k] for p in (tiny_diffusers, again, tiny_v_diffusers))  # tiny-v: seed 1
+    assert np.array_equal(w0, w0b) and w0.shape == w1.shape and not np.array_equal(w0, w1)
+    pad = json.loads((again / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"]
     assert (pad if isinstance(pad, str) else pad["content"]) == "<|endoftext|>"
