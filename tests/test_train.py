@@ -266,3 +266,16 @@ def test_cli_errors_are_one_line(tiny_exported, images, tmp_path):
     res = CliRunner().invoke(main, ["train", str(tiny_exported), "--images", str(images), "--token", "sks",
                                     "--init", "hot dog", "--out", str(tmp_path), "--steps", "2"])
     assert res.exit_code == 1 and "single token" in res.output and "Traceback" not in res.output
+
+
+def test_personalize_chains_stages_and_reuses_them(tiny_exported, images, tmp_path):
+    from click.testing import CliRunner
+    from zo_runtime.cli import main
+    args = ["personalize", str(tiny_exported), "--images", str(images), "--token", "sks", "--init", "dog",
+            "--out", str(tmp_path), "--steps", "3"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "learned_embeds.safetensors").is_file() and (tmp_path / "samples" / "grid.png").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["scheme"] != "fp32"    # trained the quantized model
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "reusing it" in again.output and "up to date" in again.output

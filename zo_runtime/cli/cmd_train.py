@@ -100,7 +100,7 @@ def _exported(model: Path, out: Path) -> Path:
     return Path(export_model(model, out / "model-onnx"))
 
 
-def _quantized(model: Path, out: Path, scheme: str) -> Path:
+def _quantized(model: Path, out: Path, scheme: str | None, images: Path) -> Path:
     """The quantized model (OUT/model-<scheme>), or the float model when quantization is unavailable or off."""
     import json
 
@@ -113,7 +113,8 @@ def _quantized(model: Path, out: Path, scheme: str) -> Path:
     except ImportError as err:
         click.echo(f"[2/4] quantize: skipped, the quantize stage is unavailable here ({err}); training the float model")
         return model
-    qcfg = QuantizeConfig(scheme=scheme) if scheme else QuantizeConfig()
+    # Calibrate on the user's own photos: real inputs of exactly the kind training will see.
+    qcfg = QuantizeConfig(**({"scheme": scheme} if scheme else {}), calib_images=str(images))
     target = out / f"model-{qcfg.scheme}"
     click.echo(f"[2/4] quantize: {model} -> {target} ({qcfg.scheme})")
     return Path(quantize_model(model, target, qcfg))
@@ -149,7 +150,7 @@ def personalize(model, scheme, **kw):
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(_config(kw), resume=True)    # idempotent: a finished run is reused
     exported = _exported(model, out)
-    quantized = _quantized(exported, out, scheme)
+    quantized = _quantized(exported, out, scheme, kw["images"])
     ck = out / "checkpoint.npz"
     done = (ck.is_file() and (out / "learned_embeds.safetensors").is_file()
             and json.loads((out / "config.json").read_text())["config"]["steps"] == cfg.steps
