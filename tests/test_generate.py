@@ -92,6 +92,12 @@ def test_multi_vector_token_expands_once(tiny_exported, tmp_path):
     assert gen.prompt_text(f"a {full} dog") == f"a {full} dog"          # pre-expanded prompts stay as they are
     ids = gen.text.tokenizer([gen.prompt_text(f"a {TOKEN}")])[0]
     assert (ids >= gen.text.tokenizer.base_vocab_size).sum() == 3
+    # a second file with another token: both usable in one prompt, each with its own rows
+    vec = np.full((1, gen.text.dim), 0.25, np.float32)
+    assert gen.add_embeds(save_learned_embeds(tmp_path / "s.safetensors", "<style>", vec)) == "<style>"
+    ids = gen.text.tokenizer([gen.prompt_text(f"a {TOKEN} in <style>")])
+    rows = gen.text.token_embeds(ids)[0]
+    assert (ids >= gen.text.tokenizer.base_vocab_size).sum() == 4 and np.allclose(rows[6], vec[0])
 
 
 def test_guidance_pair_is_one_unet_call_per_step(tiny_exported, tmp_path):
