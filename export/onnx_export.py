@@ -6,7 +6,6 @@ encoder is custom: token embeddings in, so textual inversion can feed learned ro
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 import tempfile
@@ -44,7 +43,8 @@ def export_model(source: str | Path, out: str | Path, *, force: bool = False, op
     cfg = ExportConfig(opset=opset, force=force, config=str(config) if config else None)
     out = Path(out).expanduser().resolve()  # resolved: 'a/missing/../b' must not be created half-way
     if _reusable(out, cfg.force):
-        print(f"{out} already holds a complete zoodip export; reusing it (pass --force to re-export)")
+        made_from = ModelDir.open(out).manifest.get("source", "?")
+        print(f"{out} already holds a complete zoodip export (of {made_from}); reusing it (pass --force to re-export)")
         return out
     if src.is_single_file(source):
         parent = _check_writable(out)
@@ -227,7 +227,3 @@ def _model_facts(configs: dict, facts: dict) -> dict:
         "unet_sample_size": int(unet["sample_size"]),
         "scheduler_class": sched.get("_class_name"),
     }
-
-
-def read_manifest(out: str | Path) -> dict:
-    return json.loads((Path(out) / MANIFEST).read_text())

@@ -8,9 +8,9 @@ from pathlib import Path
 SUPPORTED = "SD 1.x (CLIP ViT-L/14 text encoder) and SD 2.x (OpenCLIP-H text encoder, epsilon or v-prediction)"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Hub files an export needs: safetensors weights and configs; never pickles, flax or onnx copies.
+# Hub files an export needs: fp32 safetensors weights and configs; never pickles, flax, onnx, fp16 or non-EMA copies.
 _HUB_ALLOW = ["model_index.json", *(f"{c}/*" for c in COMPONENTS)]
-_HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb"]
+_HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb", "*.fp16.*", "*non_ema*"]
 
 
 def _read_json(path: Path) -> dict:
