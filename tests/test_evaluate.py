@@ -166,6 +166,15 @@ def test_evaluate_end_to_end_and_reuse(tiny_exported, tiny_metrics, tmp_path):
     again = json.loads(ev.evaluate(tiny_exported, embeds, subject, tiny_metrics, tmp_path / "out", cfg).read_text())
     assert (tmp_path / "out" / "images" / "00_0.png").stat().st_mtime_ns == first      # images reused
     assert again["overall"] == pytest.approx(res["overall"], abs=1e-6)
+    from zo_runtime.cli import main
+    r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(subject),
+                                  "--metrics", str(tiny_metrics), "--out", str(tmp_path / "out"), "-k", "2",
+                                  "--prompts", "2", "--steps", "2", "--prompts-file", str(PROMPTS), "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(path.read_text())["overall"] == pytest.approx(res["overall"], abs=1e-6)
+    r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(subject),
+                                  "--metrics", str(tmp_path / "none"), "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 1 and "zoodip export-metrics" in r.output
 
 
 def test_scorer_is_pluggable(tiny_exported, tmp_path):
