@@ -175,6 +175,9 @@ def test_evaluate_end_to_end_and_reuse(tiny_exported, tiny_metrics, tmp_path):
     r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(subject),
                                   "--metrics", str(tmp_path / "none"), "--out", str(tmp_path / "o2")])
     assert r.exit_code == 1 and "zoodip export-metrics" in r.output
+    save_learned_embeds(embeds, "<sks>", np.ones((1, dim), np.float32) * -0.3)     # a new embedding, same file
+    ev.evaluate(tiny_exported, embeds, subject, tiny_metrics, tmp_path / "out", cfg)
+    assert (tmp_path / "out" / "images" / "00_0.png").stat().st_mtime_ns != first     # not reused: regenerated
 
 
 def test_scorer_is_pluggable(tiny_exported, tmp_path):

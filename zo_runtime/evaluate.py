@@ -5,6 +5,7 @@ The scoring step is a plug-in (`Scorer`): the toy world passes its own classifie
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -190,21 +191,26 @@ def subject_prompts(subject_dir: Path, cfg: EvaluateConfig) -> tuple[str, str, l
     return word, kind, lists[kind][:cfg.num_prompts]
 
 
-def _prompt_images(gen: Generator, prompt: str, cfg: EvaluateConfig, p: int, folder: Path) -> list[np.ndarray]:
-    """K images for prompt p: reused from folder if an earlier run wrote them with the same prompt and seed."""
+def _prompt_images(gen: Generator, prompt: str, cfg: EvaluateConfig, p: int, folder: Path,
+                   source: dict) -> list[np.ndarray]:
+    """K images for prompt p; reused from folder only if an earlier run made them from the same prompt, seed,
+    settings, model and embeds file (`source`: hashes), so a long SD run can resume."""
     K = cfg.per_prompt
     gcfg = GenerateConfig(n=K, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
                           seed=cfg.seed + p * K, progress=False)
     paths = [folder / f"{p:02d}_{i}.png" for i in range(K)]
-    if all(q.is_file() for q in paths):
-        metas = [im.read_meta(q) for q in paths]
-        if all(m.get("prompt") == prompt and m.get("seed") == str(gcfg.seed + i) and m.get("steps") == str(cfg.steps)
-               for i, m in enumerate(metas)):
-            return [im.load_rgb(q) for q in paths]
+    metas = [{k: str(v) if isinstance(v, str) else json.dumps(v) for k, v in
+              {**gen.metadata(prompt, gcfg, i), **source}.items()} for i in range(K)]
+    if all(q.is_file() for q in paths) and all(im.read_meta(q) == m for q, m in zip(paths, metas)):
+        return [im.load_rgb(q) for q in paths]
     images = gen.sample(prompt, gcfg)
     for i, (q, image) in enumerate(zip(paths, images)):
-        im.save_png(q, image, gen.metadata(prompt, gcfg, i))
+        im.save_png(q, image, {**gen.metadata(prompt, gcfg, i), **source})
     return list(images)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def contact_sheet(path: Path, real: list[np.ndarray], rows: list[list[np.ndarray]]) -> Path:
@@ -237,10 +243,12 @@ def evaluate(model_dir, embeds_file, subject_dir, metrics_dir, out_dir, cfg: Eva
     token = gen.add_embeds(embeds_file)
     scorer = scorer or DreamBoothScorer(metrics_dir, cfg.provider, options)
     scorer.set_reference(real)
+    source = {"embeds_sha256": _sha256(embeds_file),
+              "unet_sha256": gen.model.manifest["files"].get("unet/model.onnx", "")}
     t0, rows, per_prompt = time.perf_counter(), [], []
     for p, template in enumerate(tqdm(templates, desc="evaluate", unit="prompt")):
         prompt, text = ti_prompt(template, token), class_prompt(template, class_word)
-        images = _prompt_images(gen, prompt, cfg, p, out_dir / "images")
+        images = _prompt_images(gen, prompt, cfg, p, out_dir / "images", source)
         rows.append(images)
         per_prompt.append({"prompt": prompt, "text": text, **scorer.score(images, text),
                            "images": [f"images/{p:02d}_{i}.png" for i in range(len(images))]})
