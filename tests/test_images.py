@@ -48,3 +48,9 @@ def test_save_grid_and_to_uint8(tmp_path):
     p = images.save_grid(tmp_path / "g.png", [_img(1), _img(2)], cols=1, meta={"k": "v"})
     assert np.asarray(Image.open(p)).shape == (16 + images.GRID_GAP, 10, 3)
     assert images.read_meta(p)["k"] == "v"
+
+
+def test_pil_grid_alias():
+    ims = [_img(i) for i in range(2)]
+    assert np.array_equal(np.asarray(images.grid(ims, cols=2)), images.make_grid(ims, cols=2))
+    assert images.write_grid is images.save_grid

@@ -79,6 +79,14 @@ def save_grid(path: str | Path, images: list[np.ndarray], cols: int | None = Non
     return save_png(path, make_grid(images, cols), meta)
 
 
+def grid(images: list[np.ndarray], cols: int | None = None) -> Image.Image:
+    """make_grid as a PIL image."""
+    return Image.fromarray(make_grid(images, cols))
+
+
+write_grid = save_grid   # the name some callers use
+
+
 def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
     """An image file -> (H, W, 3) uint8 RGB with EXIF orientation applied; optional center-crop + resize."""
     from PIL import ImageOps
