@@ -180,22 +180,42 @@ def test_evaluate_end_to_end_and_reuse(tiny_exported, tiny_metrics, tmp_path):
     assert (tmp_path / "out" / "images" / "00_0.png").stat().st_mtime_ns != first     # not reused: regenerated
 
 
+class Brightness:
+    """A stand-in plug-in metric: mean brightness of generated minus real images."""
+
+    names = ("brightness",)
+
+    def set_reference(self, real):
+        self.ref = np.mean([r.mean() for r in real])
+
+    def score(self, generated, text):
+        return {"brightness": float(np.mean([g.mean() for g in generated]) - self.ref)}
+
+
+def brightness_scorer(metrics_dir, provider, options):
+    return Brightness()
+
+
 def test_scorer_is_pluggable(tiny_exported, tmp_path):
-    class Brightness:
-        names = ("brightness",)
-
-        def set_reference(self, real):
-            self.ref = np.mean([r.mean() for r in real])
-
-        def score(self, generated, text):
-            return {"brightness": float(np.mean([g.mean() for g in generated]) - self.ref)}
-
     dim = json.loads((tiny_exported / "manifest.json").read_text())["embedding_dim"]
     embeds = save_learned_embeds(tmp_path / "e.safetensors", "<t>", np.zeros((1, dim), np.float32))
     cfg = ev.EvaluateConfig(per_prompt=1, steps=1, provider="cpu")
     res = json.loads(ev.evaluate(tiny_exported, embeds, PHOTOS, None, tmp_path / "o", cfg, scorer=Brightness(),
                                  templates=["a {0} {1} on a red background"], class_word="star").read_text())
     assert list(res["overall"]) == ["brightness"] and res["per_prompt"][0]["text"] == "a star on a red background"
+    # the same through the command: --scorer module:factory and --templates FILE
+    from zo_runtime.cli import main
+    (tmp_path / "t.txt").write_text("# toy prompts\na {0} {1} on a red background\n{0} on a blue background\n")
+    r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(PHOTOS),
+                                  "--scorer", "test_evaluate:brightness_scorer", "--templates", str(tmp_path / "t.txt"),
+                                  "--class-word", "star", "--out", str(tmp_path / "c"), "-k", "1", "--steps", "1",
+                                  "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert [p["prompt"] for p in res["per_prompt"]] == ["a <t> on a red background", "<t> on a blue background"]
+    r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(PHOTOS),
+                                  "--scorer", "nope:x", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "cannot be loaded" in r.output
 
 
 def test_export_metrics_cli_reuses_and_rejects_wrong_models(tiny_metrics, tiny_metric_sources):

@@ -168,6 +168,31 @@ class DreamBoothScorer:
                 "dino": mean_cosine(self.embed_dino(generated), self.real_dino)}
 
 
+def load_scorer(spec: str, metrics_dir, provider: str = "auto", options: dict | None = None) -> Scorer:
+    """'package.module:factory' -> factory(metrics_dir, provider, options), e.g. the toy world's classifier."""
+    import importlib
+    module, sep, attr = spec.partition(":")
+    if not sep:
+        raise ValueError(f"--scorer {spec!r} must look like package.module:factory")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--scorer {spec!r} cannot be loaded ({err})") from err
+    scorer = factory(metrics_dir, provider, options)
+    if not all(hasattr(scorer, a) for a in ("names", "set_reference", "score")):
+        raise TypeError(f"--scorer {spec!r} returned {type(scorer).__name__}, which lacks names/set_reference/score")
+    return scorer
+
+
+def read_templates(path: str | Path) -> list[str]:
+    """One prompt template per line ({0} = token, {1} = class word); blank lines and # comments skipped."""
+    lines = [x.strip() for x in Path(path).read_text(encoding="utf-8").splitlines()]
+    lines = [x for x in lines if x and not x.startswith("#")]
+    if not lines or not all("{0}" in x for x in lines):
+        raise ValueError(f"{path}: every template needs {{0}} where the learned token goes")
+    return lines
+
+
 # ---- the stage -------------------------------------------------------------------------------------------
 
 def load_photos(folder: str | Path) -> list[np.ndarray]:

@@ -41,8 +41,13 @@ def generate(model, embeds, prompt, out, n, steps, guidance, negative, scheduler
 @click.option("--embeds", required=True, type=click.Path(), help="Learned-embeds .safetensors.")
 @click.option("--subject", required=True, type=click.Path(),
               help="Folder of the subject's real photos (e.g. ../shared/datasets/dreambooth/dog).")
-@click.option("--metrics", "metrics_dir", required=True, type=click.Path(),
-              help="Folder written by `zoodip export-metrics` (clip/, dino/).")
+@click.option("--metrics", "metrics_dir", default=None, type=click.Path(),
+              help="Folder written by `zoodip export-metrics` (clip/, dino/); passed to --scorer too.")
+@click.option("--scorer", default=None, metavar="MODULE:FACTORY",
+              help="Plug-in metric: FACTORY(metrics_dir, provider, options) returns a zo_runtime.evaluate.Scorer "
+                   "(default: CLIP-I, CLIP-T, DINO).")
+@click.option("--templates", default=None, type=click.Path(),
+              help="Prompt templates, one per line, {0} = token, {1} = class word (default: DreamBooth's 25).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder: results.json, contact_sheet.png.")
 @click.option("--class-word", default=None,
               help="Subject class (dog, backpack, ...); default looked up in prompts_and_classes.txt.")
@@ -59,15 +64,19 @@ def generate(model, embeds, prompt, out, n, steps, guidance, negative, scheduler
 @provider_option
 @provider_options_option
 @friendly_errors
-def evaluate(model, embeds, subject, metrics_dir, out, class_word, prompts_file, kind, per_prompt, num_prompts,
-             steps, guidance, scheduler, seed, provider, provider_options):
-    from ..evaluate import EvaluateConfig, evaluate as run
+def evaluate(model, embeds, subject, metrics_dir, scorer, templates, out, class_word, prompts_file, kind, per_prompt,
+             num_prompts, steps, guidance, scheduler, seed, provider, provider_options):
+    from ..evaluate import EvaluateConfig, evaluate as run, load_scorer, read_templates
     from ..providers import parse_options
     cfg = EvaluateConfig(per_prompt=per_prompt, num_prompts=num_prompts, steps=steps, guidance=guidance,
                          scheduler=scheduler, seed=seed, kind=kind, class_word=class_word,
                          prompts_file=prompts_file, provider=provider,
                          provider_options=tuple(parse_options(provider_options).items()))
-    path = run(model, embeds, subject, metrics_dir, out, cfg)
+    if metrics_dir is None and scorer is None:
+        raise click.UsageError("pass --metrics DIR (from `zoodip export-metrics`) or a --scorer plug-in")
+    plug = load_scorer(scorer, metrics_dir, provider, dict(cfg.provider_options)) if scorer else None
+    lines = read_templates(templates)[:num_prompts] if templates else None
+    path = run(model, embeds, subject, metrics_dir, out, cfg, scorer=plug, templates=lines, class_word=class_word)
     click.echo(f"wrote {path}")
 
 
