@@ -264,10 +264,10 @@ def evaluate(model_dir, embeds_file, subject_dir, metrics_dir, out_dir, cfg: Eva
         kind, class_word = "custom", class_word or cfg.class_word or ""
     real = load_photos(subject_dir)
     options = dict(cfg.provider_options)
+    scorer = scorer or DreamBoothScorer(metrics_dir, cfg.provider, options)   # before the SD sessions: fail fast
+    scorer.set_reference(real)
     gen = Generator(model_dir, [], cfg.provider, options)
     token = gen.add_embeds(embeds_file)
-    scorer = scorer or DreamBoothScorer(metrics_dir, cfg.provider, options)
-    scorer.set_reference(real)
     source = {"embeds_sha256": _sha256(embeds_file),
               "unet_sha256": gen.model.manifest["files"].get("unet/model.onnx", "")}
     t0, rows, per_prompt = time.perf_counter(), [], []
