@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,34 +124,49 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
     shapes = {"batch": cfg.static_batch, "height": res, "width": res} if cfg.static else None
     batch = cfg.static_batch if cfg.static else None
     gates: dict = {}
+    stats: dict = {}
     for sub in tqdm(SUBMODELS, desc=f"quantize {cfg.scheme}", unit="submodel"):
-        dst = tmp / sub / "model.onnx"
-        # VAE inputs are the photos themselves: repeating one adds nothing to MinMax, so one pass per photo.
-        n = {"text_encoder": cfg.text_samples, "unet": cfg.calib_samples}.get(sub, len(calib.images))
-        n_held = {"text_encoder": cfg.gate_samples, "unet": cfg.gate_samples}.get(sub, len(held.images))
-        ins = _inputs(src.onnx(sub))
-        feeds = (lambda s=sub, n=n, ins=ins: cal.calibration_feeds(s, calib, alphas, n, cfg.seed, ins))
-        _quantize_submodel(sub, src.onnx(sub), dst, cfg, feeds)
-        if shapes:
-            fix_static_shapes(dst, sub, src, shapes)
-        held_feeds = cal.calibration_feeds(sub, held, alphas, n_held, cfg.seed + 1, ins)
-        gates[sub] = gt.output_fidelity(src.onnx(sub), dst, held_feeds, batch, sub)
-        if sub in VAES:
-            gates[sub]["quantized"] = gt.vae_passes(gates[sub])
-            if not gates[sub]["quantized"]:  # the VAE is outside the training loop: keep it float, say so
-                _replace_with_float(src.onnx(sub), dst)
-                if shapes:
-                    fix_static_shapes(dst, sub, src, shapes)
+        start = time.perf_counter()
+        gates[sub] = _submodel_with_gate(sub, src, tmp, cfg, (calib, held), alphas, shapes)
+        stats[sub] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": _peak_rss_gb()}
+    start = time.perf_counter()
     gates["unet"].update(gt.conditioning_fidelity(src.onnx("unet"), tmp / "unet" / "model.onnx", held, alphas,
                                                   cfg.gate_samples, cfg.seed + 2, batch))
     gates["zo"] = _zo_gate(src, tmp, held, alphas, cfg, batch)
+    stats["gates_cond_zo"] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": _peak_rss_gb()}
     failed = gt.failures(gates)
     gates.update(passed=not failed, failed=failed, thresholds=gt.thresholds())
     if failed and cfg.gate:
         raise ValueError(f"quantization gates missed for --scheme {cfg.scheme}: {'; '.join(failed)}. Nothing was "
                          "written; pass --no-gate to keep the model anyway, or use --scheme w8 (weight-only INT8)")
     return dict(src.manifest, scheme=cfg.scheme, target=cfg.target, static_shapes=shapes, gates=_rounded(gates),
-                quantized_from=str(src.root.resolve()), quantize=dataclasses.asdict(cfg), files=_file_hashes(tmp))
+                quantized_from=str(src.root.resolve()), quantize=dataclasses.asdict(cfg),
+                quantize_stats=_rounded(stats), files=_file_hashes(tmp))
+
+
+def _submodel_with_gate(sub: str, src: ModelDir, tmp: Path, cfg: QuantizeConfig, inputs: tuple, alphas,
+                        shapes: dict | None) -> dict:
+    """Quantize one submodel into tmp, fix its shapes, measure gate 1; a VAE that misses it stays float."""
+    calib, held = inputs
+    dst = tmp / sub / "model.onnx"
+    batch = shapes["batch"] if shapes else None
+    # VAE inputs are the photos themselves: repeating one adds nothing to MinMax, so one pass per photo.
+    n = {"text_encoder": cfg.text_samples, "unet": cfg.calib_samples}.get(sub, len(calib.images))
+    n_held = cfg.gate_samples if sub in ("text_encoder", "unet") else len(held.images)
+    ins = _inputs(src.onnx(sub))
+    _quantize_submodel(sub, src.onnx(sub), dst, cfg,
+                       lambda: cal.calibration_feeds(sub, calib, alphas, n, cfg.seed, ins))
+    if shapes:
+        fix_static_shapes(dst, sub, src, shapes)
+    held_feeds = cal.calibration_feeds(sub, held, alphas, n_held, cfg.seed + 1, ins)
+    gate = gt.output_fidelity(src.onnx(sub), dst, held_feeds, batch, sub)
+    if sub in VAES:
+        gate["quantized"] = gt.vae_passes(gate)
+        if not gate["quantized"]:  # the VAE is outside the training loop: keep it float, and say so
+            _replace_with_float(src.onnx(sub), dst)
+            if shapes:
+                fix_static_shapes(dst, sub, src, shapes)
+    return gate
 
 
 def _zo_gate(src: ModelDir, tmp: Path, held: cal.RealInputs, alphas, cfg: QuantizeConfig, batch) -> dict:
@@ -170,12 +186,14 @@ def _zo_gate(src: ModelDir, tmp: Path, held: cal.RealInputs, alphas, cfg: Quanti
 
 def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feeds) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.scheme == "w8a8" and cfg.target == "qnn":
+        _qdq_qnn(src, dst, lambda ops: cal.stream_minmax(src, feeds(), op_types=ops, chunk=cfg.chunk,
+                                                         desc=f"calibrate {sub}"))
+        return
     if cfg.scheme == "w8a8":
-        ranges = cal.stream_minmax(src, feeds(), chunk=cfg.chunk, desc=f"calibrate {sub}")
-        if cfg.target == "qnn":
-            _qdq_qnn(src, dst, ranges)
-        else:
-            _qdq_optimum(src, dst, ranges)
+        from onnxruntime.quantization.registry import QDQRegistry   # the op types Optimum's QDQ config quantizes
+        ranges = cal.stream_minmax(src, feeds(), op_types=list(QDQRegistry), chunk=cfg.chunk, desc=f"calibrate {sub}")
+        _qdq_optimum(src, dst, ranges)
         return
     model = onnx.load(str(src))
     if cfg.scheme == "w8" and cfg.static:
@@ -204,8 +222,11 @@ def _qdq_optimum(src: Path, dst: Path, ranges) -> None:
     (dst.parent / "ort_config.json").unlink(missing_ok=True)   # Optimum's record; the manifest has ours
 
 
-def _qdq_qnn(src: Path, dst: Path, ranges) -> None:
-    """QNN HTP: uint16 activations, uint8 weights, QNN's overrides; opset < 21 gets com.microsoft Q/DQ (QNN takes it)."""
+def _qdq_qnn(src: Path, dst: Path, calibrate) -> None:
+    """QNN HTP: uint16 activations, uint8 weights, QNN's overrides; opset < 21 gets com.microsoft Q/DQ (QNN takes it).
+
+    calibrate(op_types) -> TensorsData: ranges of the tensors of the op types QNN's config quantizes.
+    """
     from onnxruntime.quantization import QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -213,7 +234,7 @@ def _qdq_qnn(src: Path, dst: Path, ranges) -> None:
     qc = get_qnn_qdq_config(str(src), calibration_data_reader=None, activation_type=QuantType.QUInt16,
                             weight_type=QuantType.QUInt8)
     cache = dst.parent / "calibration.json"
-    save_tensors_data(ranges, cache)
+    save_tensors_data(calibrate(qc.op_types_to_quantize), cache)
     try:
         quantize_static(str(src), str(dst), None, quant_format=qc.quant_format, op_types_to_quantize=qc.op_types_to_quantize,
                         per_channel=qc.per_channel, activation_type=qc.activation_type, weight_type=qc.weight_type,
@@ -277,6 +298,12 @@ def _inputs(path: Path) -> list:
     return [SimpleNamespace(name=i.name, type=types.get(i.type.tensor_type.elem_type, "tensor(float)"),
                             shape=[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim])
             for i in graph.input if i.name not in inits]
+
+
+def _peak_rss_gb() -> float:
+    """This process's resident high-water mark (Linux ru_maxrss is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def _weight_bytes(path: Path) -> int:
