@@ -54,6 +54,8 @@ class QuantizeConfig:
     zo_directions: int = 32            # random unit directions of the ZO gate (>= 32 for a stable correlation)
     zo_mus: tuple = (1e-3, 1e-2)       # SD 1.x and SD 2.x/XL smoothing of the method
     resolution: int | None = None      # px for calibration, gates and static shapes; None: the model's native size
+    gate_resolution: int | None = None # px of the held-out gate inputs; None: `resolution`. Lower it for SD-size
+                                       # models on slow CPUs (gates cost ~150 UNet passes); static targets: fixed
     static_batch: int = 1              # batch of static-shape models: 1 lets every caller loop
     block_size: int = 32               # w4 block: divides SD's 320/640/768/1280 (128 would not divide 320)
     matmul_accuracy_level: int = 1     # MatMulNBits compute: 1 = fp32; 4 = int8 is faster but wipes the ZO signal
@@ -76,6 +78,8 @@ class QuantizeConfig:
             raise ValueError("zo_directions must be >= 8 for a meaningful correlation (32 recommended)")
         if self.matmul_accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError("matmul_accuracy_level is MatMulNBits' accuracy_level: 0..4 (1 = fp32 compute)")
+        if self.static and self.gate_resolution not in (None, self.resolution):
+            raise ValueError("static-shape targets run their gates at the static resolution: drop --gate-resolution")
         if self.static_batch < 1:
             raise ValueError("static_batch must be >= 1")
 
@@ -119,7 +123,7 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
     images = cal.list_images(cfg.calib_images or cal.DEFAULT_CALIB_DIR)
     prompts = Path(cfg.prompt_file) if cfg.prompt_file else None
     calib = cal.real_inputs(src, images, res, cfg.text_samples, False, prompts, cfg.seed)
-    held = cal.real_inputs(src, images, res, cfg.gate_samples, True, prompts, cfg.seed)
+    held = cal.real_inputs(src, images, cfg.gate_resolution or res, cfg.gate_samples, True, prompts, cfg.seed)
     alphas = src.alphas_cumprod()
     shapes = {"batch": cfg.static_batch, "height": res, "width": res} if cfg.static else None
     batch = cfg.static_batch if cfg.static else None

@@ -206,3 +206,12 @@ def test_qnn_target_uses_uint16_activations(quantized):
     types = {t.data_type for t in model.graph.initializer if t.name.endswith("zero_point")}
     assert onnx.TensorProto.UINT16 in types and onnx.TensorProto.UINT8 in types
     assert q.static_shapes["batch"] == 1
+
+
+def test_config_names_the_fix():
+    with pytest.raises(ValueError, match="w8a8 or fp16"):
+        QuantizeConfig(scheme="w4", target="qnn")
+    with pytest.raises(ValueError, match="--gate-resolution"):
+        QuantizeConfig(target="openvino", resolution=512, gate_resolution=256)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        QuantizeConfig(scheme="int8")

@@ -23,6 +23,8 @@ TARGETS = ("cpu", "qnn", "openvino", "npu-static")
 @click.option("--resolution", type=int, default=None, help="Pixels for calibration, gates and static shapes "
               "(default: the model's native resolution).")
 @click.option("--static-batch", type=int, default=1, show_default=True, help="Batch of static-shape targets.")
+@click.option("--gate-resolution", type=int, default=None, help="Pixels of the held-out gate inputs (default: "
+              "--resolution); lower it to make the gates of SD-size models affordable on a slow CPU.")
 @click.option("--gate-samples", type=int, default=8, show_default=True, help="Held-out samples per output gate.")
 @click.option("--zo-directions", type=int, default=32, show_default=True, help="Random directions of the ZO gate.")
 @click.option("--chunk", type=int, default=None, help="Tensors per calibration pass (lower = less memory, slower).")
@@ -30,13 +32,13 @@ TARGETS = ("cpu", "qnn", "openvino", "npu-static")
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
-def quantize(exported, out, scheme, target, calib_images, calib_samples, resolution, static_batch, gate_samples,
-             zo_directions, chunk, no_gate, force, seed):
+def quantize(exported, out, scheme, target, calib_images, calib_samples, resolution, static_batch, gate_resolution,
+             gate_samples, zo_directions, chunk, no_gate, force, seed):
     """Quantize the exported model EXPORTED into OUT (same layout; fidelity gates in manifest.json)."""
     from export.quantize import QuantizeConfig, quantize_model
 
     config = QuantizeConfig(scheme=scheme, target=target, calib_images=calib_images, calib_samples=calib_samples,
                             resolution=resolution, static_batch=static_batch, chunk=chunk,
-                            gate_samples=gate_samples, zo_directions=zo_directions, gate=not no_gate,
-                            force=force, seed=seed)
+                            gate_resolution=gate_resolution, gate_samples=gate_samples,
+                            zo_directions=zo_directions, gate=not no_gate, force=force, seed=seed)
     quantize_model(exported, out, config)
