@@ -279,3 +279,17 @@ def test_personalize_chains_stages_and_reuses_them(tiny_exported, images, tmp_pa
     assert json.loads((tmp_path / "config.json").read_text())["scheme"] != "fp32"    # trained the quantized model
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "reusing it" in again.output and "up to date" in again.output
+
+
+def test_unet_batch_and_single_give_the_same_losses(tiny_exported, images, tmp_path):
+    runs = {mode: T._open(tiny_exported, images, tmp_path, quick(unet_batch=mode)) for mode in ("batch", "single")}
+    assert (runs["batch"].unet_rows, runs["single"].unet_rows) == (3, 1)
+    cfg = quick()
+    _, base, rows, t, x_t, target = T._draw(runs["batch"], cfg, 0, 1)
+    emb = np.repeat(base[None], 3, axis=0)
+    for r in rows:
+        emb[:, r] = (runs["batch"].v0 + np.float32(0.1) * np.arange(3, dtype=np.float32)[:, None, None])[:, :1]
+    losses = {m: T._losses(run, emb, x_t, t, target, np.empty((run.unet_rows, 4, 16, 16), np.float32))
+              for m, run in runs.items()}
+    assert np.allclose(losses["batch"], losses["single"], rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(losses["single"], 9))) == 3          # the passes really differ

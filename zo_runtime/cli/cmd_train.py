@@ -9,7 +9,7 @@ from ._common import friendly_errors, provider_option, provider_options_option
 
 # Same defaults as zo_runtime.train.TrainConfig (tests/test_train.py checks they agree).
 DEFAULTS = dict(queries=2, mu=1e-3, tau=128, nu=1e-3, t_range=(500, 900), lr=5e-3, steps=30000, num_vectors=1,
-                estimator="rge", templates="object", seed=0, unet_batch="batch", save_every=500, sample_every=0,
+                estimator="rge", templates="object", seed=0, unet_batch="single", save_every=500, sample_every=0,
                 latent="sample")
 
 
@@ -43,7 +43,7 @@ def train_options(fn):
         click.option("--seed", type=int, default=d["seed"], show_default=True, help="Seed of every random draw."),
         provider_option, provider_options_option,
         click.option("--unet-batch", type=click.Choice(["batch", "single"]), default=d["unet_batch"], show_default=True,
-                     help="UNet passes of a step as one batch, or one by one (less peak memory)."),
+                     help="UNet passes of a step one by one (least memory) or as one batch (may be faster on GPUs/NPUs)."),
         click.option("--save-every", type=int, default=d["save_every"], show_default=True, help="Checkpoint period (steps); 0: end only."),
         click.option("--sample-every", type=int, default=d["sample_every"], show_default=True, help="Sample grid period (steps); 0: off."),
         click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.npz."),
