@@ -293,3 +293,22 @@ def test_unet_batch_and_single_give_the_same_losses(tiny_exported, images, tmp_p
               for m, run in runs.items()}
     assert np.allclose(losses["batch"], losses["single"], rtol=1e-5, atol=1e-6)
     assert len(set(np.round(losses["single"], 9))) == 3          # the passes really differ
+
+
+def test_static_batch_decides_the_calls():
+    from types import SimpleNamespace as NS
+
+    def session(batch):
+        return NS(inputs={"sample": NS(shape=[batch, 4, 16, 16])}, path="unet/model.onnx")
+
+    assert T._rows(session("batch_size"), "sample", 3, 3, "UNet") == 3     # dynamic: as asked
+    assert T._rows(session("batch_size"), "sample", 3, 1, "UNet") == 1
+    assert T._rows(session(1), "sample", 3, 3, "UNet") == 1                # static batch 1: one by one
+    assert T._rows(session(3), "sample", 3, 1, "UNet") == 3                # static batch n+1: one call
+    with pytest.raises(ValueError, match="static batch 2"):
+        T._rows(session(2), "sample", 3, 3, "UNet")
+
+
+def test_sample_every_writes_a_grid(tiny_exported, images, tmp_path):
+    T.train(tiny_exported, images, tmp_path, quick(steps=2, sample_every=2))
+    assert (tmp_path / "samples" / "step_000002" / "grid.png").is_file()
