@@ -198,6 +198,9 @@ def _session(aug: onnx.ModelProto, source: Path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.enable_cpu_mem_arena = False              # the arena keeps the peak of every shape: memory is the point
+    # The default order runs many ReduceMin/Max late, so their (B, heads, 4096, 4096) inputs stay alive:
+    # priority-based order frees each tensor right after its reduction (tiny UNet at 96^2 latents: 1.38 -> 0.41 GB).
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.add_session_config_entry("session.disable_prepacking", "1")  # no second, pre-packed copy of weights
     # A graph loaded from bytes finds model.onnx_data here (links or copies of 3.4 GB files are not needed).
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(source.parent.resolve()))
