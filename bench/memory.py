@@ -32,6 +32,7 @@ class MemoryConfig:
     images: Path = DEFAULT_IMAGES
     default_scheme: str = "w8"            # zoodip's default; replaced by the quantizer's choice when it names one
     zoodip_steps: int = 4                 # 1 warm-up + 3 timed: one fp32 step at 512 px is ~15 s here
+    unet_batch: tuple[str, ...] = ("default",)   # trainer's --unet-batch variants: default|batch|single
     ti_steps: int = 3                     # timed TI steps after 1 warm-up; ~9 s each at 512 px
     contenders: tuple[str, ...] = ("zoodip", "torch_ti")
     timeout_s: float = 3600.0             # one contender; SD 1.5 at 512 px on 2 busy cores is slow
@@ -44,6 +45,8 @@ class MemoryConfig:
         bad = set(self.contenders) - {"zoodip", "torch_ti"}
         if bad:
             raise ValueError(f"unknown contenders {sorted(bad)}: choose from zoodip, torch_ti")
+        if set(self.unet_batch) - {"default", "batch", "single"}:
+            raise ValueError(f"unet_batch {self.unet_batch} must be among default, batch, single")
         if self.zoodip_steps < 2 or self.ti_steps < 1:
             raise ValueError("zoodip_steps must be >= 2 (one warm-up) and ti_steps >= 1")
 
@@ -63,12 +66,14 @@ def scheme_folders(cfg: MemoryConfig) -> dict[str, Path]:
 
 def _log(cfg: MemoryConfig, name: str) -> Path:
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    return cfg.log_dir / f"memory_{cfg.resolution}_{name}.log"
+    return cfg.log_dir / f"memory_{cfg.resolution}_{name.replace(' ', '_')}.log"
 
 
-def run_zoodip(cfg: MemoryConfig, folder: Path, name: str) -> dict:
+def run_zoodip(cfg: MemoryConfig, folder: Path, name: str, unet_batch: str = "default") -> dict:
     args = [str(folder), "--images", str(cfg.images), "--resolution", str(cfg.resolution),
             "--steps", str(cfg.zoodip_steps), "--warmup", "1"]
+    if unet_batch != "default":
+        args += ["--unet-batch", unet_batch]
     return common.run_isolated("bench.zoodip_train", args, log=_log(cfg, name), timeout=cfg.timeout_s)
 
 
@@ -121,12 +126,16 @@ def run(cfg: MemoryConfig, out: str | Path, merge: bool = False) -> Path:
     t0 = time.perf_counter()
     if "zoodip" in cfg.contenders:
         for scheme, folder in folders.items():
-            print(f"[bench.memory] zoodip {scheme} ({folder}) at {cfg.resolution} px ...", flush=True)
-            result["schemes"][scheme] = _slim(run_zoodip(cfg, folder, scheme))
-            _report(scheme, result["schemes"][scheme])
+            for ub in cfg.unet_batch:
+                # Key: the scheme, plus the UNet batching when it is not the trainer's default.
+                key = scheme if ub == "default" else f"{scheme} unet-batch={ub}"
+                print(f"[bench.memory] zoodip {key} ({folder}) at {cfg.resolution} px ...", flush=True)
+                result["schemes"][key] = _slim(run_zoodip(cfg, folder, key, ub))
+                _report(key, result["schemes"][key])
     if result["schemes"]:
         schemes = result["schemes"]
-        default = cfg.default_scheme if cfg.default_scheme in schemes else next(iter(schemes))
+        plain = [k for k in schemes if " " not in k] or list(schemes)    # trainer-default batching first
+        default = cfg.default_scheme if cfg.default_scheme in schemes else plain[0]
         result["default_scheme"] = default
         result["zoodip"] = schemes[default]
     if "torch_ti" in cfg.contenders:
@@ -158,13 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", default=str(DEFAULT_IMAGES))
     p.add_argument("--default-scheme", default=MemoryConfig.default_scheme)
     p.add_argument("--zoodip-steps", type=int, default=MemoryConfig.zoodip_steps)
+    p.add_argument("--unet-batch", nargs="+", default=list(MemoryConfig.unet_batch),
+                   choices=["default", "batch", "single"], help="trainer --unet-batch variants to run per scheme")
     p.add_argument("--ti-steps", type=int, default=MemoryConfig.ti_steps)
     p.add_argument("--only", choices=["zoodip", "torch_ti"], default=None)
     p.add_argument("--log-dir", default=str(MemoryConfig.log_dir))
     p.add_argument("--merge", action="store_true", help="keep contenders already in --out, add the ones run now")
     a = p.parse_args(argv)
     cfg = MemoryConfig(base=Path(a.base), resolution=a.resolution, images=Path(a.images),
-                       default_scheme=a.default_scheme, zoodip_steps=a.zoodip_steps, ti_steps=a.ti_steps,
+                       default_scheme=a.default_scheme, zoodip_steps=a.zoodip_steps, unet_batch=tuple(a.unet_batch), ti_steps=a.ti_steps,
                        contenders=(a.only,) if a.only else MemoryConfig.contenders, log_dir=Path(a.log_dir),
                        models=tuple(Path(m) for m in a.models or ()))
     print(f"wrote {run(cfg, a.out, merge=a.merge)}")

@@ -25,8 +25,9 @@ def load(path: str | Path) -> dict:
 
 
 def _schemes(mem: dict) -> list[str]:
-    have = list(mem.get("schemes", {}))
-    return [s for s in SCHEME_ORDER if s in have] + [s for s in have if s not in SCHEME_ORDER]
+    """Scheme keys ("w8", "w8 unet-batch=single", ...) in SCHEME_ORDER, variants after their scheme."""
+    order = {s: i for i, s in enumerate(SCHEME_ORDER)}
+    return sorted(mem.get("schemes", {}), key=lambda k: (order.get(k.split()[0], len(order)), k))
 
 
 def _fmt(x, nd=2, suffix="") -> str:
@@ -49,8 +50,8 @@ def memory_rows(mem: dict) -> list[tuple[str, dict]]:
 
 def memory_table(mems: list[dict]) -> str:
     """One row per contender and resolution: peak RSS, ratio vs TI, step time, passes, overhead share."""
-    head = ("| method | px | peak RSS (GiB) | TI / method | step (s) | forward passes / step "
-            "| outside session.run |\n|---|---|---|---|---|---|---|")
+    head = ("| method | px | peak RSS (GiB) | TI / method | step wall (s) | step CPU (s) | forward passes / step "
+            "| outside session.run |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for mem in mems:
         ti = mem.get("torch_ti", {}).get("peak_rss_gb")
@@ -61,7 +62,7 @@ def memory_table(mems: list[dict]) -> str:
                 passes = f"{passes} + {r['backward_passes_per_step']} backward"
             share = r.get("outside_session_run_share")
             lines.append(f"| {label} | {mem['resolution']} | {_fmt(r.get('peak_rss_gb'))} | {_fmt(ratio, 1, 'x')} "
-                         f"| {_fmt(r.get('step_seconds'), 1)} | {passes} | {_fmt(None if share is None else 100 * share, 1, '%')} |")
+                         f"| {_fmt(r.get('step_seconds'), 1)} | {_fmt(r.get('step_cpu_seconds'), 1)} | {passes} | {_fmt(None if share is None else 100 * share, 1, '%')} |")
     return "\n".join(lines)
 
 

@@ -44,12 +44,14 @@ class SpeedConfig:
 
 def _timed(fn, repeats: int) -> dict:
     fn()                                   # warm-up: first run allocates and picks kernels
-    secs = []
+    secs, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         secs.append(time.perf_counter() - t0)
-    return common.time_stats(secs)
+        cpu.append(time.process_time() - c0)
+    # CPU seconds (all threads) stretch far less than wall time when neighbours load the cores.
+    return dict(common.time_stats(secs), cpu_median=common.time_stats(cpu)["median"])
 
 
 def _fits(model, name: str, shape: tuple) -> bool:

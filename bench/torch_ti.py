@@ -155,7 +155,7 @@ def ti_step(parts: TIParts, latents, ids, gen) -> dict:
     """Forward, backward, AdamW, restore frozen rows; returns the loss and the phase times."""
     import torch
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = ti_loss(parts, latents, ids, gen)
     t1 = time.perf_counter()
     loss.backward()
@@ -169,7 +169,7 @@ def ti_step(parts: TIParts, latents, ids, gen) -> dict:
         table[keep] = parts.orig_embeds[keep]
     t3 = time.perf_counter()
     return {"loss": float(loss.detach()), "forward_s": t1 - t0, "backward_s": t2 - t1, "update_s": t3 - t2,
-            "step_s": t3 - t0}
+            "step_s": t3 - t0, "cpu_s": time.process_time() - c0}
 
 
 def run(model_dir: str | Path, images_dir: str | Path, cfg: TorchTIConfig) -> dict:
@@ -194,6 +194,7 @@ def run(model_dir: str | Path, images_dir: str | Path, cfg: TorchTIConfig) -> di
         "peak_rss_training_gb": rss.peak_between("loaded", "end"),
         "step_seconds": common.time_stats([r["step_s"] for r in timed])["median"],
         "step_stats": common.time_stats([r["step_s"] for r in timed]),
+        "step_cpu_seconds": common.time_stats([r["cpu_s"] for r in timed])["median"],
         "forward_seconds": common.time_stats([r["forward_s"] for r in timed])["median"],
         "backward_seconds": common.time_stats([r["backward_s"] for r in timed])["median"],
         "forward_passes_per_step": 1, "backward_passes_per_step": 1,

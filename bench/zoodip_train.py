@@ -33,6 +33,7 @@ class RunTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.events: list[tuple[str, float, float]] = []     # (submodel, start, duration)
+        self.cpu: list[tuple[str, float]] = []                 # (submodel, process CPU seconds at start)
 
     def install(self) -> None:
         import onnxruntime as ort
@@ -48,6 +49,7 @@ class RunTimer:
 
         def wrapped(session, *args, **kwargs):
             t0 = time.perf_counter()
+            timer.cpu.append((Path(str(getattr(session, "_model_path", "?"))).parent.name, time.process_time()))
             try:
                 return orig(session, *args, **kwargs)
             finally:
@@ -107,6 +109,7 @@ def run(model_dir: str | Path, images_dir: str | Path, out_dir: Path, steps: int
         "setup_seconds": round(steps_from, 2) if steps_from is not None else None,
         "step_seconds": common.time_stats(step_s)["median"],
         "step_stats": common.time_stats(step_s),
+        "step_cpu_seconds": _cpu_per_step(timer, rows, warmup),
         "forward_passes_per_step": passes,
         "session_run_seconds_per_step": run_s,
         "outside_session_run_share": (round(1 - run_s / common.time_stats(step_s)["mean"], 4)
@@ -119,6 +122,19 @@ def run(model_dir: str | Path, images_dir: str | Path, out_dir: Path, steps: int
         "torch_imported": "torch" in sys.modules,
         "marks": rss.marks, "rss_timeline": rss.timeline(),
     }
+
+
+def _cpu_per_step(timer: RunTimer, rows: list[dict], warmup: int) -> float | None:
+    """Process CPU seconds (all threads) between the starts of the timed steps, per step.
+
+    On a shared machine wall time stretches with the neighbours' load; CPU seconds much less so.
+    A step starts with its first text-encoder call (the only text-encoder calls are the steps').
+    """
+    te = [c for sub, c in timer.cpu if sub == "text_encoder"]
+    if not rows or not te or len(te) % len(rows):
+        return None
+    starts = te[::len(te) // len(rows)][warmup:]            # one per step, warm-up left out
+    return round((starts[-1] - starts[0]) / (len(starts) - 1), 3) if len(starts) >= 2 else None
 
 
 def _trainer_share(timed: list[dict]) -> float | None:
