@@ -92,14 +92,18 @@ def time_folder(folder: str | Path, resolutions, batches, repeats: int) -> dict:
     t0 = time.perf_counter()
     unet = OnnxModel(md.onnx("unet"))
     res["unet_load_s"] = round(time.perf_counter() - t0, 2)
-    for r in resolutions:
+    res["rss_after_unet_load_gb"] = common.gib(common.current_rss_bytes())
+    res["peak_rss_after_unet_load_gb"] = common.gib(common.peak_rss_bytes())   # includes graph optimization
+    # Smallest shapes first: the high-water mark after each shows what that forward's activations add.
+    for r in sorted(resolutions):
         res["unet"][str(r)] = {}
-        for b in batches:
+        for b in sorted(batches):
             feeds = {"sample": rng.standard_normal((b, ch, r // f, r // f), dtype=np.float32),
                      "timestep": _timestep(unet, b),
                      "encoder_hidden_states": rng.standard_normal((b, 77, d), dtype=np.float32)}
             if _fits(unet, "sample", feeds["sample"].shape):
                 res["unet"][str(r)][str(b)] = _timed(lambda: unet.run(feeds), repeats)
+                res["unet"][str(r)][str(b)]["peak_rss_gb_so_far"] = common.gib(common.peak_rss_bytes())
     res["peak_rss_gb"] = common.gib(common.peak_rss_bytes())
     return res
 
