@@ -203,6 +203,26 @@ def test_bad_embeds_files_give_clear_errors(tiny_exported, tmp_path):
         Generator(tiny_exported, [one, _embeds(tmp_path / "two.safetensors", d, seed=2)], provider="cpu")
 
 
+def test_generation_runs_where_torch_cannot_be_imported(tiny_exported, tmp_path):
+    import subprocess
+    import sys
+    embeds = _embeds(tmp_path / "e.safetensors", _dim(tiny_exported))
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, *args):
+        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'optimum'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+from zo_runtime.generate import GenerateConfig, generate
+generate({str(tiny_exported)!r}, [{str(embeds)!r}], {PROMPT!r}, {str(tmp_path / 'o')!r},
+         GenerateConfig(n=1, steps=2, provider='cpu', progress=False))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "000.png").is_file()
+
+
 def test_cli_generate_and_one_line_errors(tiny_exported, tmp_path):
     from zo_runtime.cli import main
     embeds = _embeds(tmp_path / "e.safetensors", _dim(tiny_exported))
