@@ -71,13 +71,13 @@ def speed_table(speed: dict) -> str:
     res = [str(r) for r in speed["config"]["resolutions"]]
     bs = [str(b) for b in speed["config"]["batches"]]
     cols = [f"UNet {r} px b{b} (s)" for r in res for b in bs] + [f"text enc. b{b} (s)" for b in bs]
-    lines = ["| scheme | UNet MB | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| scheme | UNet MB | " + " | ".join(cols) + " | peak RSS (GiB) |", "|---|---|" + "---|" * (len(cols) + 1)]
     schemes = speed["schemes"]
     for s in [x for x in SCHEME_ORDER if x in schemes] + [x for x in schemes if x not in SCHEME_ORDER]:
         r = schemes[s]
         cells = [_fmt(r["unet"].get(px, {}).get(b, {}).get("median")) for px in res for b in bs]
         cells += [_fmt(r["text_encoder"].get(b, {}).get("median"), 3) for b in bs]
-        lines.append(f"| {s} | {_fmt(r.get('unet_mb'), 0)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {s} | {_fmt(r.get('unet_mb'), 0)} | " + " | ".join(cells) + f" | {_fmt(r.get('peak_rss_gb'))} |")
     return "\n".join(lines)
 
 
@@ -178,7 +178,7 @@ def plot_timeline(mem: dict, png: str | Path) -> Path:
 
 def render(mems: list[dict], speed: dict | None) -> str:
     """The markdown block for the README: goals, memory table, speed table, the measurement note."""
-    parts = ["### Memory and step time (one fresh process per method)", "", memory_table(mems), ""]
+    parts = ["### Memory and step time (one fresh process per method)", "", memory_table(mems), ""] if mems else []
     if speed:
         parts += ["### Forward time per scheme (median seconds, 2 cores)", "", speed_table(speed), ""]
     g = goals(mems, speed)

@@ -10,6 +10,7 @@ outside session.run.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,21 +109,26 @@ def time_folder(folder: str | Path, resolutions, batches, repeats: int) -> dict:
     return res
 
 
-def run(cfg: SpeedConfig, out: str | Path) -> Path:
-    """Time every scheme folder, then the training overhead, and write one JSON."""
-    folders = scheme_folders(MemoryConfig(base=cfg.base))
+def run(cfg: SpeedConfig, out: str | Path, models: tuple[Path, ...] = (), merge: bool = False) -> Path:
+    """Time every scheme folder (BASE-* or `models`), then the training overhead, and write one JSON.
+
+    merge: keep the schemes already in `out` and add or replace the ones timed now.
+    """
+    folders = scheme_folders(MemoryConfig(base=cfg.base, models=tuple(models)))
     if not folders:
         raise FileNotFoundError(f"no zoodip model folders beside {cfg.base}: run `zoodip export {cfg.base} {cfg.base}-onnx`")
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-              "schemes": {}, "note": common.SHARED_MACHINE_NOTE, "machine": common.machine_facts()}
+    result = json.loads(Path(out).read_text()) if merge and Path(out).is_file() else {"schemes": {}}
+    result.update({"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                   "note": common.SHARED_MACHINE_NOTE, "machine": common.machine_facts()})
     args = ["--resolutions", *map(str, cfg.resolutions), "--batches", *map(str, cfg.batches),
             "--repeats", str(cfg.repeats)]
     for scheme, folder in folders.items():
         print(f"[bench.speed] {scheme} ({folder}) ...", flush=True)
         res = common.run_isolated("bench.speed", ["--worker", str(folder), *args],
                                   log=cfg.log_dir / f"speed_{scheme}.log", timeout=cfg.timeout_s)
-        res.pop("machine", None)
+        machine = res.pop("machine", {})
+        res["ran_at"] = {"utc": machine.get("utc"), "loadavg_1_5_15": machine.get("loadavg_1_5_15")}
         result["schemes"][scheme] = res
         print(f"[bench.speed]   unet {res['unet']}", flush=True)
     if cfg.train_steps:
@@ -152,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--default-scheme", default=SpeedConfig.default_scheme)
     p.add_argument("--images", default=str(DEFAULT_IMAGES))
     p.add_argument("--log-dir", default=str(SpeedConfig.log_dir))
+    p.add_argument("--models", nargs="*", default=None, help="explicit zoodip model folders instead of BASE-*")
+    p.add_argument("--merge", action="store_true", help="keep schemes already in --out, add the ones timed now")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # one folder, in a fresh process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SpeedConfig(base=Path(a.base), resolutions=tuple(a.resolutions), batches=tuple(a.batches),
                       repeats=a.repeats, train_steps=a.train_steps, train_resolution=a.train_resolution,
                       default_scheme=a.default_scheme, images=Path(a.images), log_dir=Path(a.log_dir))
-    print(f"wrote {run(cfg, a.out)}")
+    print(f"wrote {run(cfg, a.out, tuple(Path(m) for m in a.models or ()), a.merge)}")
 
 
 if __name__ == "__main__":
