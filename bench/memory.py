@@ -64,6 +64,12 @@ def scheme_folders(cfg: MemoryConfig) -> dict[str, Path]:
     return found
 
 
+def gates_passed(folder: Path) -> bool | None:
+    """The quantizer's fidelity verdict (None for an unquantized export): a failed model trains, but badly."""
+    gates = json.loads((folder / "manifest.json").read_text()).get("gates")
+    return gates.get("passed") if isinstance(gates, dict) else None
+
+
 def _log(cfg: MemoryConfig, name: str) -> Path:
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     return cfg.log_dir / f"memory_{cfg.resolution}_{name.replace(' ', '_')}.log"
@@ -131,6 +137,7 @@ def run(cfg: MemoryConfig, out: str | Path, merge: bool = False) -> Path:
                 key = scheme if ub == "default" else f"{scheme} unet-batch={ub}"
                 print(f"[bench.memory] zoodip {key} ({folder}) at {cfg.resolution} px ...", flush=True)
                 result["schemes"][key] = _slim(run_zoodip(cfg, folder, key, ub))
+                result["schemes"][key]["gates_passed"] = gates_passed(folder)
                 _report(key, result["schemes"][key])
     if result["schemes"]:
         schemes = result["schemes"]

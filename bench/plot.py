@@ -44,7 +44,8 @@ def memory_rows(mem: dict) -> list[tuple[str, dict]]:
     rows = [("PyTorch TI (fp32, backprop)", mem["torch_ti"])] if "torch_ti" in mem else []
     for s in _schemes(mem):
         star = " (default)" if s == mem.get("config", {}).get("default_scheme") else ""   # zoodip's default, not a fallback
-        rows.append((f"zoodip {s}{star}", mem["schemes"][s]))
+        gate = " [gates failed]" if mem["schemes"][s].get("gates_passed") is False else ""
+        rows.append((f"zoodip {s}{star}{gate}", mem["schemes"][s]))
     return rows
 
 

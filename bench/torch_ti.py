@@ -189,7 +189,8 @@ def run(model_dir: str | Path, images_dir: str | Path, cfg: TorchTIConfig) -> di
         rss.mark("end")
     timed = rows[cfg.warmup:]
     return {
-        "method": "torch_ti", "config": asdict(cfg), "model": str(model_dir),
+        "method": "torch_ti", "config": asdict(cfg), "model": str(model_dir), "images": str(images_dir),
+        "num_images": int(latents.shape[0]),
         "peak_rss_gb": common.gib(common.peak_rss_bytes()),
         "peak_rss_training_gb": rss.peak_between("loaded", "end"),
         "step_seconds": common.time_stats([r["step_s"] for r in timed])["median"],

@@ -100,7 +100,7 @@ def run(model_dir: str | Path, images_dir: str | Path, out_dir: Path, steps: int
     steps_from = min(starts) - rss.t0 if starts else None    # set-up (sessions, VAE encoding) ends here
     passes = getattr(cfg, "passes", None) or int(getattr(cfg, "queries", 2)) + 1
     return {
-        "method": "zoodip", "model": str(model_dir), "scheme": manifest.get("scheme"),
+        "method": "zoodip", "model": str(model_dir), "scheme": manifest.get("scheme"), "images": str(images_dir),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
                    if isinstance(v, (int, float, str, bool, tuple, list, type(None)))},
         "options_not_in_trainer": ignored,
