@@ -143,9 +143,10 @@ class RssSampler:
         return gib(max(vals)) if vals else None
 
     def timeline(self, points: int = 120) -> list[list[float]]:
-        """Down-sampled [[t, rss_gb], ...] for plots (every k-th sample keeps the file small)."""
-        k = max(1, len(self.samples) // points)
-        return [[round(t, 2), gib(r)] for t, r in self.samples[::k]]
+        """Down-sampled [[t, rss_gb], ...] for plots: the max of each bucket of k samples (peaks survive)."""
+        k = max(1, -(-len(self.samples) // points))
+        buckets = [self.samples[i:i + k] for i in range(0, len(self.samples), k)]
+        return [[round(b[0][0], 2), gib(max(r for _, r in b))] for b in buckets]
 
 
 def time_stats(seconds: list[float]) -> dict:
