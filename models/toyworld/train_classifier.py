@@ -120,9 +120,11 @@ def export_onnx(model: nn.Module, out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("classifier.onnx"))
+    ap.add_argument("--epochs", type=int, default=ClassifierConfig.epochs)
+    ap.add_argument("--n-train", type=int, default=ClassifierConfig.n_train)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = ClassifierConfig()
+    cfg = ClassifierConfig(epochs=args.epochs, n_train=args.n_train)
     model, acc = train(cfg)
     print("validation accuracy:", acc)
     print("wrote", export_onnx(model, args.out))
