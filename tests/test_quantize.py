@@ -81,6 +81,9 @@ def test_weight_only_schemes_quantize_weights_not_activations(quantized):
         assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
         assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {1}   # fp32 compute
     assert w4.stat().st_size < w8.stat().st_size
+    te_bits = {a.i for n in onnx.load(str(quantized("w4") / "text_encoder" / "model.onnx")).graph.node
+               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert te_bits == {8}                                          # w4 keeps the text encoder at 8 bits
 
 
 def test_fp16_keeps_float32_io(quantized):
