@@ -95,6 +95,10 @@ def quantize_model(source: str | Path, out: str | Path, config: QuantizeConfig =
     out = Path(out).expanduser()
     key = _key(src, config)
     if _reusable(out, key, config.force):
+        failed = ModelDir.open(out).manifest["gates"]["failed"]
+        if failed and config.gate:   # kept earlier with --no-gate: the gates still apply to this call
+            raise ValueError(f"{out} was kept with --no-gate and misses gates: {'; '.join(failed)}. Pass --no-gate "
+                             "to use it anyway, or --force with another --scheme")
         print(f"{out} already holds this quantization ({config.scheme}, {config.target}); reusing it "
               "(pass --force to redo it)")
         return out

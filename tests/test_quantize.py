@@ -154,6 +154,13 @@ def test_reuse_is_idempotent_and_other_settings_need_force(quantized, tiny_expor
         quantize_model(tiny_exported, out, QuantizeConfig(scheme="w4", calib_images=str(photos), **FAST))
 
 
+def test_reusing_a_model_kept_with_no_gate_still_gates(quantized, tiny_exported, photos):
+    out = quantized("w8a8")                    # kept with gate=False; misses gates on the tiny model
+    assert ModelDir.open(out).manifest["gates"]["failed"]
+    with pytest.raises(ValueError, match="--no-gate"):
+        quantize_model(tiny_exported, out, QuantizeConfig(scheme="w8a8", calib_images=str(photos), **FAST))
+
+
 def test_streaming_ranges_equal_onnxruntime_minmax(tiny_exported, photos, tmp_path):
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
