@@ -8,7 +8,6 @@ default calibration and gate settings of `zoodip quantize`; existing quantizatio
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from export.quantize import SCHEMES, QuantizeConfig, quantize_model

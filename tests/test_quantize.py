@@ -1,8 +1,6 @@
 """zoodip quantize on the tiny export: node structure per scheme, gates, static shapes, idempotence, calibration parity."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
