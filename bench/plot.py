@@ -72,7 +72,7 @@ def speed_table(speed: dict) -> str:
     res = [str(r) for r in speed["config"]["resolutions"]]
     bs = [str(b) for b in speed["config"]["batches"]]
     cols = [f"UNet {r} px b{b} (s)" for r in res for b in bs] + [f"text enc. b{b} (s)" for b in bs]
-    lines = ["| scheme | UNet MB | " + " | ".join(cols) + " | peak RSS (GiB) |", "|---|---|" + "---|" * (len(cols) + 1)]
+    lines = ["| scheme | UNet MB | " + " | ".join(cols) + " | peak RSS, largest shape (GiB) |", "|---|---|" + "---|" * (len(cols) + 1)]
     schemes = speed["schemes"]
     for s in [x for x in SCHEME_ORDER if x in schemes] + [x for x in schemes if x not in SCHEME_ORDER]:
         r = schemes[s]
