@@ -179,17 +179,29 @@ def _graph_with_types(path: Path) -> onnx.ModelProto:
 
 
 def _augment(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """Copy of `model` that also outputs scalar ReduceMin/ReduceMax of each tensor (nothing else kept)."""
+    """Copy of `model` that also outputs scalar ReduceMin/ReduceMax of each tensor (nothing else kept).
+
+    Each pair sits right after the node producing its tensor, so with priority-based execution the tensor is
+    freed as soon as its normal consumers are done (SD 1.5 VAE decoder at 256 px: 2.56 -> 1.12 GB peak).
+    """
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
     del aug.graph.output[:]
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    reductions: dict[str, list[onnx.NodeProto]] = {}
     for name in tensors:
         for op in ("ReduceMin", "ReduceMax"):
             out = f"{name}__{op}"
             # keepdims=0 and no axes: reduce over everything to a scalar (all opsets).
-            aug.graph.node.append(onnx.helper.make_node(op, [name], [out], keepdims=0, name=out))
+            reductions.setdefault(name, []).append(onnx.helper.make_node(op, [name], [out], keepdims=0, name=out))
             aug.graph.output.append(onnx.helper.make_tensor_value_info(out, types[name], []))
+    nodes = [r for i in model.graph.input for r in reductions.pop(i.name, [])]
+    for node in model.graph.node:
+        nodes.append(node)
+        nodes += [r for o in node.output for r in reductions.pop(o, [])]
+    nodes += [r for rs in reductions.values() for r in rs]
+    del aug.graph.node[:]
+    aug.graph.node.extend(nodes)
     return aug
 
 
@@ -199,7 +211,8 @@ def _session(aug: onnx.ModelProto, source: Path) -> ort.InferenceSession:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.enable_cpu_mem_arena = False              # the arena keeps the peak of every shape: memory is the point
     # The default order runs many ReduceMin/Max late, so their (B, heads, 4096, 4096) inputs stay alive:
-    # priority-based order frees each tensor right after its reduction (tiny UNet at 96^2 latents: 1.38 -> 0.41 GB).
+    # priority-based order (with _augment's placement) frees each tensor right after its reduction
+    # (tiny UNet at 96^2 latents: 1.38 -> 0.41 GB; SD 1.5 UNet at 512 px: 12.6 -> 6.2 GB).
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.add_session_config_entry("session.disable_prepacking", "1")  # no second, pre-packed copy of weights
     # A graph loaded from bytes finds model.onnx_data here (links or copies of 3.4 GB files are not needed).
