@@ -21,6 +21,7 @@ from . import source as src
 from ._fs import umask_modes
 
 GIB = 1 << 30
+ATTENTION = ("sliced", "full")
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,11 @@ class ExportConfig:
     force: bool = False         # re-export even if OUT already holds a complete export
     config: str | None = None   # diffusers folder giving the configs of a single-file checkpoint (offline)
     disk_margin: float = 1.25   # free space wanted = margin * (weights + one UNet copy the exporter re-saves)
+    attention: str = "sliced"   # per-head attention slices: peak activation memory on CPU/NPU; "full": plain graph
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention {self.attention!r} is unknown: use one of {', '.join(ATTENTION)}")
         if not 14 <= self.opset <= 20:
             raise ValueError(f"opset {self.opset} is out of range: use 14..20 (17 is the tested default)")
         if self.disk_margin < 1:
@@ -38,9 +42,9 @@ class ExportConfig:
 
 
 def export_model(source: str | Path, out: str | Path, *, force: bool = False, opset: int = 17,
-                 config: str | Path | None = None) -> Path:
+                 config: str | Path | None = None, attention: str = "sliced") -> Path:
     """Export SOURCE (diffusers folder, hub id or .safetensors file) to OUT; returns OUT."""
-    cfg = ExportConfig(opset=opset, force=force, config=str(config) if config else None)
+    cfg = ExportConfig(opset=opset, force=force, config=str(config) if config else None, attention=attention)
     out = Path(out).expanduser().resolve()  # resolved: 'a/missing/../b' must not be created half-way
     if _reusable(out, cfg.force):
         made_from = ModelDir.open(out).manifest.get("source", "?")
@@ -104,10 +108,12 @@ def _export_folder(folder: Path, out: Path, cfg: ExportConfig, source: str) -> P
     parent_out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent_out))
     try:
-        facts = _export_all(folder, tmp, configs, cfg.opset)
+        facts = _export_all(folder, tmp, configs, cfg)
         facts["source"] = source
         from .manifest import build_manifest
-        atomic_write_json(tmp / MANIFEST, build_manifest(tmp, facts, cfg.opset))
+        manifest = build_manifest(tmp, facts, cfg.opset)
+        manifest["attention"] = cfg.attention  # extra key: how the UNet/VAE attention was traced
+        atomic_write_json(tmp / MANIFEST, manifest)
         umask_modes(tmp)
         ModelDir.open(tmp)  # the contract the runtime checks, checked before OUT appears
         _swap_in(tmp, out)
@@ -128,7 +134,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_all(folder: Path, dst: Path, configs: dict, opset: int) -> dict:
+def _export_all(folder: Path, dst: Path, configs: dict, cfg: ExportConfig) -> dict:
     """One submodel at a time, each freed before the next (peak memory: the UNet and its graph)."""
     steps = [("text_encoder", _export_text), ("unet", _export_unet), ("vae", _export_vae),
              ("tokenizer", _copy_tokenizer)]
@@ -136,7 +142,7 @@ def _export_all(folder: Path, dst: Path, configs: dict, opset: int) -> dict:
     with tqdm(steps, desc="export", unit="part") as bar:
         for name, step in bar:
             bar.set_postfix_str(name)
-            facts.update(step(folder, dst, opset) or {})
+            facts.update(step(folder, dst, cfg) or {})
             gc.collect()
     facts.update(_model_facts(configs, facts))
     sched_dir = dst / "scheduler"
@@ -158,21 +164,22 @@ def _load(cls, folder: Path, sub: str):
     return cls.from_pretrained(folder, **kwargs).float().eval()
 
 
-def _export_text(folder: Path, dst: Path, opset: int) -> dict:
+def _export_text(folder: Path, dst: Path, cfg: ExportConfig) -> dict:
     from transformers import CLIPTextModel
     from .text_encoder import export_text_encoder
     model = _load(CLIPTextModel, folder, "text_encoder")
-    export_text_encoder(model, dst / "text_encoder", opset)
+    export_text_encoder(model, dst / "text_encoder", cfg.opset)
     facts = {"vocab_size": int(model.config.vocab_size), "embedding_dim": int(model.config.hidden_size)}
     del model
     return facts
 
 
-def _export_unet(folder: Path, dst: Path, opset: int) -> None:
+def _export_unet(folder: Path, dst: Path, cfg: ExportConfig) -> None:
     from diffusers import UNet2DConditionModel
     from optimum.exporters.onnx.convert import export
     from optimum.exporters.onnx.model_configs import UNetOnnxConfig
     unet = _load(UNet2DConditionModel, folder, "unet")
+    _set_attention(unet, cfg.attention)
     # Attributes Optimum's UNet config reads (set the same way by its get_diffusion_models_for_export).
     unet.config.requires_aesthetics_score = False
     unet.config.time_cond_proj_dim = unet.config.get("time_cond_proj_dim")
@@ -180,17 +187,19 @@ def _export_unet(folder: Path, dst: Path, opset: int) -> None:
     unet.config.export_model_type = "unet"
     onnx_cfg = UNetOnnxConfig(unet.config, task="semantic-segmentation", int_dtype="int64", float_dtype="fp32")
     # Its outputs are declared fully dynamic, so skip the axes fix: it would load the whole graph into onnxruntime.
-    export(model=unet, config=onnx_cfg, output=dst / "unet" / "model.onnx", opset=opset,
+    export(model=unet, config=onnx_cfg, output=dst / "unet" / "model.onnx", opset=cfg.opset,
            disable_dynamic_axes_fix=True)
     del unet
 
 
-def _export_vae(folder: Path, dst: Path, opset: int) -> None:
+def _export_vae(folder: Path, dst: Path, cfg: ExportConfig) -> None:
     """Encoder -> latent_parameters (mean, logvar); decoder latent_sample -> sample (Optimum's VAE split)."""
     from diffusers import AutoencoderKL
     from optimum.exporters.onnx.convert import export
     from optimum.exporters.onnx.model_configs import VaeDecoderOnnxConfig, VaeEncoderOnnxConfig
     vae = _load(AutoencoderKL, folder, "vae")
+    _set_attention(vae, cfg.attention)
+    opset = cfg.opset
     vae.config.export_model_type = "vae-encoder"
     vae.forward = lambda sample: {"latent_parameters": vae.encode(x=sample)["latent_dist"].parameters}
     export(model=vae, config=VaeEncoderOnnxConfig(vae.config, task="semantic-segmentation"),
@@ -202,7 +211,14 @@ def _export_vae(folder: Path, dst: Path, opset: int) -> None:
     del vae
 
 
-def _copy_tokenizer(folder: Path, dst: Path, opset: int) -> dict:
+def _set_attention(model, attention: str) -> None:
+    """"sliced": every Attention layer (self and cross) traced one head / query chunk at a time."""
+    if attention == "sliced":
+        from .attention import use_sliced_attention
+        use_sliced_attention(model)
+
+
+def _copy_tokenizer(folder: Path, dst: Path, cfg: ExportConfig) -> dict:
     from transformers import CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     tok.save_pretrained(dst / "tokenizer")

@@ -232,3 +232,28 @@ def test_replica_is_seeded(tmp_path, tiny_diffusers, tiny_v_diffusers):
     assert np.array_equal(w0, w0b) and w0.shape == w1.shape and not np.array_equal(w0, w1)
     pad = json.loads((again / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"]
     assert (pad if isinstance(pad, str) else pad["content"]) == "<|endoftext|>"
+
+
+def _softmax_count(path) -> int:
+    import onnx
+    return sum(n.op_type == "Softmax" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_sliced_attention_matches_full_export(tmp_path, tiny_diffusers, tiny_exported):
+    """The default (sliced) export computes the full graph's attention, at any batch and resolution."""
+    from export.onnx_export import export_model
+    sliced = ModelDir.open(tiny_exported)
+    full = ModelDir.open(export_model(tiny_diffusers, tmp_path / "full", attention="full"))
+    assert (sliced.manifest["attention"], full.manifest["attention"]) == ("sliced", "full")
+    rng = np.random.default_rng(2)
+    h = sliced.manifest["native_resolution"] // sliced.manifest["vae_scale_factor"]
+    for batch, side in ((3, h), (1, h // 2)):   # neither the traced batch nor the traced resolution
+        feeds = {"sample": rng.standard_normal((batch, 4, side, side)).astype(np.float32), "timestep": np.array(500),
+                 "encoder_hidden_states": rng.standard_normal((batch, 77, sliced.dim)).astype(np.float32)}
+        want = OnnxModel(full.onnx("unet")).run(feeds)[0]
+        assert _max_err(OnnxModel(sliced.onnx("unet")).run(feeds)[0], want) < 1e-5 * max(1.0, float(np.abs(want).max()))
+        latent = {"latent_sample": feeds["sample"]}
+        want = OnnxModel(full.onnx("vae_decoder")).run(latent)[0]
+        assert _max_err(OnnxModel(sliced.onnx("vae_decoder")).run(latent)[0], want) < 1e-5 * max(1.0, float(np.abs(want).max()))
+    for sub in ("unet", "vae_decoder", "vae_encoder"):
+        assert _softmax_count(sliced.onnx(sub)) > _softmax_count(full.onnx(sub)), sub

@@ -15,11 +15,14 @@ REPLICAS = ("sd15", "sd21", "tiny", "tiny-v")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14..20).")
 @click.option("--config", "config", default=None, type=click.Path(exists=True, file_okay=False),
               help="For a single-file .safetensors MODEL: a local diffusers folder with its configs.")
+@click.option("--attention", default="sliced", show_default=True, type=click.Choice(("sliced", "full")),
+              help="sliced: UNet/VAE attention one head (or query chunk) at a time, for a lower peak memory; "
+                   "full: the plain graph.")
 @friendly_errors
-def export(model, out, force, opset, config):
+def export(model, out, force, opset, config, attention):
     """Export MODEL (diffusers folder, hub id or .safetensors, SD 1.x/2.x) to OUT in zoodip's ONNX layout."""
     from export.onnx_export import export_model
-    path = export_model(model, out, force=force, opset=opset, config=config)
+    path = export_model(model, out, force=force, opset=opset, config=config, attention=attention)
     click.echo(str(path))
 
 
