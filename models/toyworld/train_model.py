@@ -41,6 +41,7 @@ class TrainConfig:
     unet_batch: int = 32  # more updates per CPU-second than the trial's 64, which matters early in training
     unet_lr: float = 1e-3  # AdamW for UNet + text encoder, small models tolerate it; clipped at norm 1
     warmup: int = 200  # linear LR warmup steps
+    anneal_from: float = 0.8  # LR decays linearly to 10% over the last 20% of the time budget
     ema_decay: float = 0.995  # ~200-step average: a short run cannot afford a long EMA lag
     caption_dropout: float = 0.1  # empty caption 10% of the time -> classifier-free guidance works
     offset_noise: float = 0.1  # per-channel noise offset: the background is the latent mean, which the
@@ -176,8 +177,10 @@ def train_unet(cfg: TrainConfig) -> None:
         snr = acp[t] / (1 - acp[t])
         weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # (B,)
         loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        frac = (spent + time.time() - t_start) / (60 * cfg.unet_minutes)  # share of the time budget used
+        anneal = min(1.0, max(0.1, (1 - frac) / (1 - cfg.anneal_from)))  # linear to 10% over the last part
         for g in opt.param_groups:
-            g["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup) * anneal
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
