@@ -35,8 +35,9 @@ class ClipTokenizer:
             pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tok.decoder = decoders.ByteLevel()
+        # Positional (sep, cls): tokenizers 0.23 renamed the keywords.
         tok.post_processor = processors.RobertaProcessing(
-            sep=(EOS, vocab[EOS]), cls=(BOS, vocab[BOS]), add_prefix_space=False, trim_offsets=False)
+            (EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=False, add_prefix_space=False)
         tok.add_special_tokens([AddedToken(BOS), AddedToken(EOS)])
         self._tok = tok
         self.base_vocab_size = len(vocab)
@@ -44,6 +45,8 @@ class ClipTokenizer:
         if pad_token not in vocab:
             raise ValueError(f"pad token {pad_token!r} is not in the vocabulary")
         self.pad_id = vocab[pad_token]
+        if pad_token != EOS:  # like transformers: SD 2.x's pad "!" is special, so "dogs!" -> ... 0 (not 256)
+            tok.add_special_tokens([AddedToken(pad_token)])
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
 
     @property
