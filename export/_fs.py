@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -15,3 +16,13 @@ def umask_modes(root: Path) -> None:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished tmp folder to out; an old out (--force) is moved aside first, removed after the rename."""
+    old = out.with_name(f".{out.name}.old.{os.getpid()}") if out.exists() else None
+    if old:
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -26,6 +26,8 @@ import torch
 
 from zo_runtime.io_utils import atomic_write_json
 
+from ._fs import swap_in
+
 OPSET = 17                       # matches the SD export; LayerNormalization is native from 17
 PARITY_ATOL = 1e-4               # max abs error vs torch on the export inputs; above it the export fails
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -167,9 +169,7 @@ def export_metric_models(out: str | Path, clip: str = "openai/clip-vit-base-patc
                     "files": {f: _sha256(tmp / f) for f in FILES}}
         atomic_write_json(tmp / "manifest.json", manifest)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_in(tmp, out)   # an old OUT (--force) is removed only after the rename
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

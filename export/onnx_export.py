@@ -18,7 +18,7 @@ from zo_runtime.io_utils import atomic_write_json
 from zo_runtime.model_dir import MANIFEST, ModelDir
 
 from . import source as src
-from ._fs import umask_modes
+from ._fs import swap_in, umask_modes
 
 GIB = 1 << 30
 ATTENTION = ("sliced", "full")
@@ -116,22 +116,13 @@ def _export_folder(folder: Path, out: Path, cfg: ExportConfig, source: str) -> P
         atomic_write_json(tmp / MANIFEST, manifest)
         umask_modes(tmp)
         ModelDir.open(tmp)  # the contract the runtime checks, checked before OUT appears
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {source} -> {out}")
     return out
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an old OUT (--force) is moved aside first and removed only after the rename."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_all(folder: Path, dst: Path, configs: dict, cfg: ExportConfig) -> dict:

@@ -32,6 +32,7 @@ from zo_runtime.io_utils import atomic_write_json
 from zo_runtime.model_dir import MANIFEST, SUBMODELS, ModelDir
 
 from . import calibration as cal
+from ._fs import swap_in, umask_modes
 from . import gates as gt
 from . import weight_only as wo
 
@@ -108,9 +109,9 @@ def quantize_model(source: str | Path, out: str | Path, config: QuantizeConfig =
         manifest = _quantize_into(src, tmp, config)
         manifest["quantize_key"] = key
         atomic_write_json(tmp / MANIFEST, manifest)
-        _umask_modes(tmp)
+        umask_modes(tmp)
         ModelDir.open(tmp)
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"quantized {src.root} -> {out} ({config.scheme}, {config.target}); gates: "
@@ -371,19 +372,7 @@ def _file_hashes(root: Path) -> dict[str, str]:
     return file_hashes(root)
 
 
-def _umask_modes(root: Path) -> None:
-    from ._fs import umask_modes
-    umask_modes(root)
 
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename tmp to OUT; an old OUT (--force) is moved aside first and removed after the rename."""
-    old = out.with_name(f".{out.name}.old.{os.getpid()}") if out.exists() else None
-    if old:
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _rounded(obj):
