@@ -108,7 +108,7 @@ def real_inputs(model: ModelDir, images: list[Path], resolution: int, n_prompts:
             ids = text.tokenizer(word)[0]
             rows = [i for i in ids if i not in (text.tokenizer.bos_id, text.tokenizer.eos_id, text.tokenizer.pad_id)]
             vectors[word] = np.asarray(text.table[rows], np.float32).mean(0)
-        text.learned[pid] = vectors[word]
+        text.set_vectors([pid], vectors[word][None])
         embeds.append(text.token_embeds(text.tokenizer([prompt]))[0])
     embeds = np.stack(embeds)                                                        # (N, 77, d)
     cond = np.concatenate([text.encode_embeds(embeds[i:i + 8]) for i in range(0, len(embeds), 8)])

@@ -114,7 +114,7 @@ class Generator:
             ids = [self.text.tokenizer.token_id(t) for t in names]
             if None in ids:
                 raise ValueError(f"token {token!r} was registered with fewer vectors than {len(vectors)}")
-            self.text.learned.update({i: v for i, v in zip(ids, vectors)})
+            self.text.set_vectors(ids, vectors)
         else:
             self.text.add_tokens(names, vectors)
         self.expand[token] = " ".join(names)

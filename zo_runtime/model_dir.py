@@ -83,11 +83,16 @@ class ModelDir:
     def alphas_cumprod(self) -> np.ndarray:
         """(T,) float64 cumulative alphas of the training noise schedule (SD: scaled_linear)."""
         m = self.manifest
-        T, b0, b1 = int(m["num_train_timesteps"]), float(m["beta_start"]), float(m["beta_end"])
-        if m["beta_schedule"] == "scaled_linear":
-            betas = np.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=np.float64) ** 2
-        elif m["beta_schedule"] == "linear":
-            betas = np.linspace(b0, b1, T, dtype=np.float64)
-        else:
-            raise ValueError(f"beta schedule {m['beta_schedule']!r} is not supported (scaled_linear, linear)")
-        return np.cumprod(1.0 - betas)
+        return alphas_cumprod(m["beta_schedule"], float(m["beta_start"]), float(m["beta_end"]),
+                              int(m["num_train_timesteps"]))
+
+
+def alphas_cumprod(schedule: str, beta_start: float, beta_end: float, T: int) -> np.ndarray:
+    """(T,) float64 cumprod(1 - beta) for diffusers' scaled_linear or linear beta schedules."""
+    if schedule == "scaled_linear":
+        betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
+    elif schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    else:
+        raise ValueError(f"beta schedule {schedule!r} is not supported (scaled_linear, linear)")
+    return np.cumprod(1.0 - betas)

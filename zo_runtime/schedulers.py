@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .model_dir import alphas_cumprod
+
 NAMES = ("ddim", "euler", "euler-a", "dpm++2m")
 SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' class defaults for timestep_spacing, used when scheduler_config.json does not say.
@@ -58,12 +60,7 @@ class NoiseSchedule:
 
     def alphas_cumprod(self) -> np.ndarray:
         """(T,) float64 cumulative product of alphas."""
-        T = self.num_train_timesteps
-        if self.beta_schedule == "scaled_linear":
-            betas = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, T, dtype=np.float64) ** 2
-        else:
-            betas = np.linspace(self.beta_start, self.beta_end, T, dtype=np.float64)
-        return np.cumprod(1.0 - betas)
+        return alphas_cumprod(self.beta_schedule, self.beta_start, self.beta_end, self.num_train_timesteps)
 
 
 def _spaced(schedule: NoiseSchedule, spacing: str, n: int, extra: int = 0) -> np.ndarray:

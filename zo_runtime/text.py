@@ -31,6 +31,13 @@ class TextEncoder:
         self.learned.update({i: v for i, v in zip(ids, vectors)})
         return ids
 
+    def set_vectors(self, ids: list[int], vectors: np.ndarray) -> None:
+        """Overwrite the (k, d) vectors of already-added placeholder ids (e.g. a moving embedding)."""
+        unknown = [i for i in ids if i not in self.learned]
+        if unknown:
+            raise ValueError(f"ids {unknown} are not added placeholder tokens; call add_tokens first")
+        self.learned.update({i: np.asarray(v, np.float32) for i, v in zip(ids, vectors)})
+
     def token_embeds(self, ids: np.ndarray) -> np.ndarray:
         """(B, 77) ids -> (B, 77, d) float32 rows; learned ids take their registered vectors."""
         V = self.table.shape[0]
