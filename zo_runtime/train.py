@@ -119,8 +119,8 @@ class _Prompts:
             rows = [np.flatnonzero(ids == i) for i in self.ids]
             if any(r.size == 0 for r in rows):
                 raise ValueError(f"prompt {prompt!r} lost the placeholder when truncated to 77 tokens; shorten it")
-            table = self.text.table                       # (V, d) mmap; learned ids (>= V) are overwritten
-            self.cache[prompt] = (np.asarray(table[np.minimum(ids, table.shape[0] - 1)], np.float32), rows)
+            # (77, d) rows once per prompt; the placeholder rows are overwritten every step.
+            self.cache[prompt] = (self.text.token_embeds(ids[None])[0], rows)
         return (prompt, *self.cache[prompt])
 
 
