@@ -239,13 +239,19 @@ def make_dataset(n: int, seed: int, triples: list[tuple[str, str, str]] | None =
     return images, scenes
 
 
-def make_concept_images(concept: tuple[str, str, str], n: int, seed: int,
-                        background: str | None = None) -> list[Image.Image]:
-    """n training images of one concept (shape, color, pattern) on random allowed backgrounds."""
+def concept_scenes(concept: tuple[str, str, str], n: int, seed: int, background: str | None = None) -> list[Scene]:
+    """The n scenes behind `make_concept_images` (same seed, same scenes): their backgrounds tell a
+    benchmark which background words the training photos already showed."""
     shape, color, pattern = concept
     Scene(shape, color, pattern, allowed_backgrounds(color)[0])  # validates the names
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(render(random_scene(rng, [concept], background))) for _ in range(n)]
+    return [random_scene(rng, [concept], background) for _ in range(n)]
+
+
+def make_concept_images(concept: tuple[str, str, str], n: int, seed: int,
+                        background: str | None = None) -> list[Image.Image]:
+    """n training images of one concept (shape, color, pattern) on random allowed backgrounds."""
+    return [Image.fromarray(render(s)) for s in concept_scenes(concept, n, seed, background)]
 
 
 def degrade(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""One method on one toy-world concept, in its own process (so its peak RSS is its own).
+
+    python -m bench.toy_method METHOD --concept WORK/concept.json --result OUT.json
+
+concept.json (written by bench.toy_quality) names the concept, its training images, the models,
+the eval steps and the zoodip settings. Trains, scores the token at each eval step (a fidelity
+curve against forward passes) and saves the final samples for the figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from models.toyworld.attributes import to_array
+from zo_runtime.images import load_rgb
+
+from . import common
+from .toy_eval import ToyEvalConfig, ToyEvaluator
+
+# zoodip runs: the trainer's own settings plus these overrides (ablations change one thing each).
+ZO_METHODS = {
+    "zoodip": ("w8", {}),
+    "zoodip_fp32": ("fp32", {}),
+    "no_subspace": ("w8", {"subspace": False}),
+    "uniform_t": ("w8", {"t_range": (0, 1000)}),
+}
+METHODS = (*ZO_METHODS, "backprop_ti", "init_only", "oracle_prompt")
+TOKEN = "sks"
+
+
+def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
+    """Train in stages up to each eval step (resume is exact) and score after each stage."""
+    from zo_runtime.train import TrainConfig, train
+    from zo_runtime.embeds import load_learned_embeds
+
+    scheme, overrides = ZO_METHODS[method]
+    base = TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"],
+                       **{**spec["zo"], **overrides})
+    curve, train_s = [], 0.0
+    for i, step in enumerate(spec["eval_at"]):
+        t0 = time.perf_counter()
+        path = train(spec["models"][scheme], spec["images"], work / method, replace(base, steps=step, resume=i > 0))
+        train_s += time.perf_counter() - t0
+        ev.set_token(TOKEN, load_learned_embeds(path)[1])
+        metrics, images = ev.score(TOKEN)
+        curve.append({"step": step, "forward_passes": step * base.zo.passes, **metrics})
+    return curve, {"train_seconds": round(train_s, 2), "passes_per_step": base.zo.passes, "images": images,
+                   "config": {k: v for k, v in {**spec["zo"], **overrides}.items()}}
+
+
+def _ti_curve(spec: dict, ev: ToyEvaluator) -> tuple[list, dict]:
+    from .toy_ti import ToyTIConfig, train_ti
+
+    cfg = ToyTIConfig(steps=max(spec["eval_at"]), seed=spec["seed"], **spec.get("ti", {}))
+    curve, last = [], {}
+
+    def on_eval(step, vector):
+        ev.set_token(TOKEN, vector)
+        metrics, last["images"] = ev.score(TOKEN)
+        # One forward + one backward; backward ~ 2 forwards, so 3 forward-equivalents (= zoodip's n+1 at n=2).
+        curve.append({"step": step, "forward_passes": step, "forward_equivalents": 3 * step, **metrics})
+
+    info = train_ti(spec["pipeline"], spec["images"], spec["init"], cfg, spec["eval_at"], on_eval)
+    return curve, {**info, "images": last["images"], "config": {"lr": cfg.lr, "t_range": list(cfg.t_range)}}
+
+
+def run(method: str, spec: dict) -> dict:
+    """Train (if the method trains) and score; returns the method's result (images saved beside it)."""
+    work = Path(spec["work"])
+    train_images = to_array([load_rgb(p, 64) for p in sorted(Path(spec["images"]).glob("*.png"))])
+    scheme = ZO_METHODS[method][0] if method in ZO_METHODS else "fp32"
+    with common.RssSampler() as rss:
+        rss.mark("start")
+        ev = ToyEvaluator(spec["models"][scheme], tuple(spec["concept"]), list(train_images), spec["backgrounds"],
+                          ToyEvalConfig(**spec.get("eval", {})))
+        t0 = time.perf_counter()
+        if method in ZO_METHODS:
+            curve, info = _zo_curve(spec, method, ev, work)
+        elif method == "backprop_ti":
+            curve, info = _ti_curve(spec, ev)
+        else:
+            # init_only: the initializer word (the floor); oracle_prompt: the concept said in words.
+            subject = spec["init"] if method == "init_only" else "{1} {2} {0}".format(*spec["concept"])
+            metrics, images = ev.score(subject)
+            curve, info = [{"step": 0, "forward_passes": 0, **metrics}], {"train_seconds": 0.0, "images": images,
+                                                                         "subject": subject}
+        wall = time.perf_counter() - t0
+    images = info.pop("images")
+    np.save(work / f"{method}_samples.npy", images)                      # (P, n, 64, 64, 3) uint8
+    return {"method": method, "scheme": scheme, "curve": curve, "final": curve[-1], **info,
+            "wall_seconds": round(wall, 2), "peak_rss_gb": common.gib(common.peak_rss_bytes()),
+            "samples": str(work / f"{method}_samples.npy")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("method", choices=METHODS)
+    p.add_argument("--concept", required=True, help="concept.json written by bench.toy_quality")
+    p.add_argument("--result", required=True)
+    a = p.parse_args(argv)
+    spec = json.loads(Path(a.concept).read_text())
+    common.write_json(a.result, run(a.method, spec))
+
+
+if __name__ == "__main__":
+    main()

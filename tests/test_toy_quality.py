@@ -1,0 +1,74 @@
+"""bench.toy_quality: the one-concept smoke version of the held-out-concept benchmark, end to end.
+
+Few steps and few images keep it to about a minute; the assertions are on values the benchmark
+must get right whatever the training length: the oracle (concept in words) beats the init word,
+passes are counted per method, the curve covers the eval steps, an interrupted run resumes.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from bench import toy_quality
+from bench.toy_eval import eval_backgrounds, prompts_for
+from models.toyworld import world
+
+STEPS = 8
+
+
+def test_eval_backgrounds_avoid_the_training_ones():
+    concept = ("circle", "red", "checkered")
+    scenes = world.concept_scenes(concept, 5, seed=3)
+    assert [s.concept for s in scenes] == [concept] * 5
+    shown = {s.background for s in scenes}
+    bgs = eval_backgrounds(concept, scenes, 3, seed=0)
+    assert len(bgs) == 3 and "red" not in bgs                      # never the object's own color
+    fresh = [b for b in world.allowed_backgrounds("red") if b not in shown]
+    assert set(bgs[:len(fresh)]) == set(fresh[:3]) or set(bgs) <= set(fresh)
+    assert prompts_for("sks", ["blue"]) == [("a photo of a sks", None), ("a sks on a blue background", "blue")]
+
+
+def test_summary_passes_to_90pct_of_ti():
+    def row(cfs, passes):
+        curve = [{"step": i + 1, "forward_passes": p, **dict.fromkeys(toy_quality.METRICS, c)}
+                 for i, (c, p) in enumerate(zip(cfs, passes))]
+        return {"curve": curve, "final": curve[-1], "train_seconds": 1.0, "wall_seconds": 2.0, "peak_rss_gb": 0.1}
+
+    results = [{"backprop_ti": row([0.5, 1.0], [10, 20]), "zoodip": row([0.8, 0.95], [30, 60])},
+               {"backprop_ti": row([0.5, 0.8], [10, 20]), "zoodip": row([0.7, 0.85], [30, 60])}]
+    s = toy_quality.summarize(results, ["backprop_ti", "zoodip"])
+    assert s["backprop_ti"]["concept_fidelity"] == 0.9
+    assert s["zoodip"]["curve"][0]["concept_fidelity"] == 0.75
+    assert s["zoodip"]["passes_to_90pct_ti"] == 60                  # 0.9 * 0.9 = 0.81: reached at 60, not 30
+    assert s["backprop_ti"]["passes_to_90pct_ti"] == 20
+
+
+@pytest.mark.slow
+def test_one_concept_smoke(tmp_path):
+    out = tmp_path / "toy.json"
+    args = ["--concepts", "1", "--seed", "0", "--steps", str(STEPS), "--work", str(tmp_path / "work"),
+            "--methods", "zoodip,backprop_ti,init_only,oracle_prompt", "--eval", "images_per_prompt=4",
+            "--eval", "steps=15", "--out", str(out)]
+    toy_quality.main(args)
+    res = json.loads(out.read_text())
+    m = res["methods"]
+    assert set(m) == {"zoodip", "backprop_ti", "init_only", "oracle_prompt"}
+    # The concept said in words is drawn far more faithfully than its shape word alone (a real model).
+    assert m["oracle_prompt"]["concept_fidelity"] >= m["init_only"]["concept_fidelity"] + 0.25
+    assert m["oracle_prompt"]["color_accuracy"] >= 0.75
+    assert [p["step"] for p in m["zoodip"]["curve"]] == [1, 2, 4, 8]
+    assert m["zoodip"]["forward_passes"] == 3 * STEPS                # n = 2 queries: 3 passes a step
+    assert m["backprop_ti"]["forward_passes"] == STEPS
+    for s in m.values():
+        assert 0.0 <= s["concept_fidelity"] <= 1.0 and 0.0 < s["peak_rss_gb"] < 4.0
+    samples = np.load(res["per_concept"][0]["zoodip"]["samples"])
+    assert samples.shape == (4, 4, 64, 64, 3) and samples.dtype == np.uint8
+    assert out.with_suffix(".md").read_text().count("\n|") >= 5
+    assert out.with_name("toy_samples.png").stat().st_size > 1000
+    # Finished (concept, method) results are reused: a second run recomputes nothing and agrees.
+    before = out.with_name("toy_samples.png").stat().st_mtime
+    toy_quality.main(args)
+    again = json.loads(out.read_text())["methods"]
+    assert again["zoodip"]["curve"] == m["zoodip"]["curve"]
+    assert again["zoodip"]["train_seconds"] == m["zoodip"]["train_seconds"]
+    assert before <= out.with_name("toy_samples.png").stat().st_mtime
