@@ -60,6 +60,22 @@ def test_rge_matches_formula_exactly_on_linear_function():
     assert np.allclose(zo.estimate(losses, 7, 11, D, cfg, projected=10), want_p, rtol=1e-5, atol=1e-6)
 
 
+def test_orthogonal_directions_sweep_an_orthonormal_basis():
+    """One sweep (D/n steps) probes D orthogonal directions of norm sqrt(D); the next sweep is a new basis."""
+    d, n = 16, 2
+    cfg = zo.ZOConfig(queries=n, directions="orthogonal")
+    sweep = np.array([zo.direction(3, step, i, d, cfg) for step in range(1, d // n + 1) for i in range(n)], np.float64)
+    assert np.allclose(sweep @ sweep.T, d * np.eye(d), atol=1e-4)
+    nxt = np.array([zo.direction(3, d // n + 1, i, d, cfg) for i in range(n)], np.float64)
+    assert np.abs(nxt @ sweep.T).max() < d                       # not a row of the first basis again
+    assert np.allclose(zo.direction(3, 2, 1, d, cfg), sweep[3])    # regenerated from (seed, step, i) alone
+    # The sum over a sweep of (g.z) z / D is exactly g: the estimator is exact on a linear function per sweep.
+    g = np.random.default_rng(1).standard_normal(d)
+    assert np.allclose(sum((g @ z) * z for z in sweep) / d, g, atol=1e-6)
+    with pytest.raises(ValueError, match="directions"):
+        zo.ZOConfig(directions="sobol")
+
+
 def test_spsa_uses_two_passes_per_query():
     cfg = zo.ZOConfig(queries=2, mu=1e-2, estimator="spsa")
     pts = zo.query_points(X, 0, 1, cfg)
@@ -95,6 +111,20 @@ def test_subspace_basis_matches_reference_pca():
     k = int(np.argmax(cum > 1 - 1e-3))
     assert basis.shape == (32 - k - 1, D)
     assert np.allclose(np.abs(basis @ vt[k + 1:].T), np.eye(basis.shape[0]), atol=1e-4)
+
+
+def test_subspace_cap_keeps_sd_reference_and_bounds_small_models():
+    """tau=128 on D=768 (SD 1.5) is never capped; on D=128 the cap keeps >= 83% of the dims free."""
+    rng = np.random.default_rng(3)
+    for d, want_uncapped in ((768, True), (128, False)):
+        hist = (rng.standard_normal((128, 2)) @ rng.standard_normal((2, d)) * 5
+                + 1e-4 * rng.standard_normal((128, d))).astype(np.float32)   # 2 strong directions: drift-like
+        full = zo.subspace_basis(hist, nu=1e-3)
+        capped = zo.subspace_basis(hist, nu=1e-3, cap=zo.ZOConfig().subspace_cap)
+        assert full.shape[0] >= 120                                  # the reference rule removes ~all history dims
+        assert (capped.shape == full.shape) == want_uncapped
+        assert capped.shape[0] <= int(0.17 * d)
+        assert np.allclose(capped, full[len(full) - len(capped):])   # the cap keeps the lowest-variance rows
 
 
 def test_project_removes_exactly_the_chosen_directions():

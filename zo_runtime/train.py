@@ -44,6 +44,9 @@ class TrainConfig:
     num_vectors: int = 1             # reference trains one vector
     estimator: str = "rge"           # one-sided; spsa (two-sided, 2n passes) scored worse
     subspace: bool = True            # Subspace Gradient on
+    subspace_cap: float = 0.17       # share of dims it may remove: reference on SD (D >= 768), sane at D = 128
+    directions: str = "gaussian"     # perturbations: gaussian (reference) or orthogonal sweeps (zo.direction)
+    betas: tuple[float, float] = (0.9, 0.999)   # ZO-Adam moments (reference ZOAdam); beta1 averages directions
     templates: str = "object"        # diffusers' TI templates; "style" for styles
     captions: str | None = None      # per-image captions file (overrides templates)
     seed: int = 0                    # every draw of step s derives from (seed, s): resumes are exact
@@ -61,6 +64,7 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "t_range", tuple(int(t) for t in self.t_range))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "provider_options", tuple(tuple(p) for p in self.provider_options))
         self.zo  # validates the optimizer fields
         lo, hi = self.t_range
@@ -82,7 +86,9 @@ class TrainConfig:
     @property
     def zo(self) -> zo.ZOConfig:
         return zo.ZOConfig(queries=self.queries, mu=self.mu, estimator=self.estimator, tau=self.tau,
-                           nu=self.nu, subspace=self.subspace, lr=self.lr)
+                           nu=self.nu, subspace=self.subspace, subspace_cap=self.subspace_cap, lr=self.lr,
+                           directions=self.directions,
+                           betas=self.betas)
 
 
 def _place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
@@ -243,7 +249,9 @@ def _start(out: Path, cfg: TrainConfig, v0: np.ndarray) -> zo.ZOState:
         raise FileExistsError(f"{out} already holds a run at step {state.step}: pass --resume to continue it, "
                               "or choose another --out")
     now = _config_dict(cfg)
-    changed = sorted(k for k in now if saved.get(k) != now[k] and k not in RESUMABLE_CHANGES)
+    # A key the checkpoint predates had its default then (options are added with the old behaviour as default).
+    defaults = _config_dict(TrainConfig(token=cfg.token, init=cfg.init))
+    changed = sorted(k for k in now if saved.get(k, defaults[k]) != now[k] and k not in RESUMABLE_CHANGES)
     if changed:
         raise ValueError(f"cannot resume {ck}: {', '.join(f'{k}={saved.get(k)!r} (now {now[k]!r})' for k in changed)}; "
                          "use the settings of the first run or another --out")

@@ -10,7 +10,7 @@ from ._common import friendly_errors, provider_option, provider_options_option
 # Same defaults as zo_runtime.train.TrainConfig (tests/test_train.py checks they agree).
 DEFAULTS = dict(queries=2, mu=1e-3, tau=128, nu=1e-3, t_range=(500, 900), lr=5e-3, steps=30000, num_vectors=1,
                 estimator="rge", templates="object", seed=0, unet_batch="single", save_every=500, sample_every=0,
-                latent="sample")
+                latent="sample", directions="gaussian", betas=(0.9, 0.999), subspace_cap=0.17)
 
 
 def train_options(fn):
@@ -34,6 +34,12 @@ def train_options(fn):
         click.option("--estimator", type=click.Choice(["rge", "spsa"]), default=d["estimator"], show_default=True,
                      help="rge: one-sided, n+1 passes; spsa: two-sided, 2n passes."),
         click.option("--no-subspace", is_flag=True, help="Turn Subspace Gradient off."),
+        click.option("--subspace-cap", type=float, default=d["subspace_cap"], show_default=True,
+                     help="Largest share of the embedding dims Subspace Gradient may remove (1 = uncapped)."),
+        click.option("--directions", type=click.Choice(["gaussian", "orthogonal"]), default=d["directions"],
+                     show_default=True, help="Perturbations: N(0, I) or sweeps of a random orthonormal basis."),
+        click.option("--beta1", type=float, default=d["betas"][0], show_default=True,
+                     help="ZO-Adam first-moment decay: higher averages more directions per update."),
         click.option("--templates", type=click.Choice(["object", "style"]), default=d["templates"], show_default=True,
                      help="Prompt templates (diffusers' textual inversion lists)."),
         click.option("--captions", type=click.Path(path_type=Path), default=None,
@@ -61,6 +67,7 @@ def _config(kw: dict):
         token=kw["token"], init=kw["init"], queries=kw["queries"], mu=kw["mu"], tau=kw["tau"], nu=kw["nu"],
         t_range=kw["t_range"], lr=kw["lr"], steps=kw["steps"], num_vectors=kw["num_vectors"],
         estimator=kw["estimator"], subspace=not kw["no_subspace"], templates=kw["templates"],
+        directions=kw["directions"], betas=(kw["beta1"], DEFAULTS["betas"][1]), subspace_cap=kw["subspace_cap"],
         captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
         latent=kw["latent"], unet_batch=kw["unet_batch"], provider=kw["provider"],
         provider_options=tuple(parse_options(kw["provider_options"]).items()), save_every=kw["save_every"],
