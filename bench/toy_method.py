@@ -28,6 +28,7 @@ ZO_METHODS = {
     "zoodip_fp32": ("fp32", {}),
     "no_subspace": ("w8", {"subspace": False}),
     "uniform_t": ("w8", {"t_range": (0, 1000)}),
+    "subspace_uncapped": ("w8", {"subspace_cap": 1.0}),   # the paper's rule as is (see zo.ZOConfig.subspace_cap)
 }
 METHODS = (*ZO_METHODS, "backprop_ti", "init_only", "oracle_prompt")
 TOKEN = "sks"
