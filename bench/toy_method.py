@@ -51,7 +51,7 @@ def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[li
         metrics, images = ev.score(TOKEN)
         curve.append({"step": step, "forward_passes": step * base.zo.passes, **metrics})
     return curve, {"train_seconds": round(train_s, 2), "passes_per_step": base.zo.passes, "images": images,
-                   "config": {k: v for k, v in {**spec["zo"], **overrides}.items()}}
+                   "config": {**spec["zo"], **overrides}}
 
 
 def _ti_curve(spec: dict, ev: ToyEvaluator) -> tuple[list, dict]:
