@@ -87,8 +87,7 @@ class TrainConfig:
     def zo(self) -> zo.ZOConfig:
         return zo.ZOConfig(queries=self.queries, mu=self.mu, estimator=self.estimator, tau=self.tau,
                            nu=self.nu, subspace=self.subspace, subspace_cap=self.subspace_cap, lr=self.lr,
-                           directions=self.directions,
-                           betas=self.betas)
+                           directions=self.directions, betas=self.betas)
 
 
 def _place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
