@@ -45,7 +45,9 @@ class OnnxModel:
             raise FileNotFoundError(f"{path} is missing: export the model first (`zoodip export`)")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads  # 0: onnxruntime picks (all physical cores)
+        # 0: onnxruntime picks (all physical cores). ZOODIP_THREADS caps it, e.g. to keep a laptop core free
+        # or to run two small benchmarks side by side without oversubscribing the cores.
+        so.intra_op_num_threads = threads or int(os.environ.get("ZOODIP_THREADS", "0"))
         # Arena off: the arena keeps the peak of every shape seen; training memory is the product.
         so.enable_cpu_mem_arena = False
         fix_malloc_mmap_threshold()     # ... and malloc must return what onnxruntime frees
