@@ -29,6 +29,9 @@ ZO_METHODS = {
     "no_subspace": ("w8", {"subspace": False}),
     "uniform_t": ("w8", {"t_range": (0, 1000)}),
     "subspace_uncapped": ("w8", {"subspace_cap": 1.0}),   # the paper's rule as is (see zo.ZOConfig.subspace_cap)
+    "zoodip_vocab": ("w8", {"directions": "vocab"}),      # directions from the trained rows' covariance
+    "zoodip_cosine": ("w8", {"lr_schedule": "cosine"}),   # lr decays to 0.1x over the run
+    "zoodip_avg": ("w8", {"average": 0.998}),             # the EMA of the iterates (~ last 500 steps)
 }
 METHODS = (*ZO_METHODS, "backprop_ti", "init_only", "oracle_prompt")
 TOKEN = "sks"
@@ -40,8 +43,12 @@ def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[li
     from zo_runtime.embeds import load_learned_embeds
 
     scheme, overrides = ZO_METHODS[method]
-    base = TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"],
-                       **{**spec["zo"], **overrides})
+    zo_cfg = {**spec["zo"], **overrides}
+    if zo_cfg.get("directions") == "vocab":          # the toy's trained rows (world.vocabulary), not all 49,408
+        zo_cfg.setdefault("prior_words", spec["vocabulary"])
+    if zo_cfg.get("lr_schedule", "constant") != "constant":    # one schedule across the staged resumes
+        zo_cfg.setdefault("lr_horizon", max(spec["eval_at"]))
+    base = TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"], **zo_cfg)
     curve, train_s = [], 0.0
     for i, step in enumerate(spec["eval_at"]):
         t0 = time.perf_counter()

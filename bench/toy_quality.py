@@ -73,7 +73,7 @@ def write_concept(work: Path, i: int, concept, args, models: dict) -> Path:
             "models": models, "pipeline": str(PIPELINE), "seed": args.seed, "eval_at": eval_at,
             "backgrounds": eval_backgrounds(concept, scenes, ToyEvalConfig.backgrounds, img_seed),
             "train_backgrounds": [s.background for s in scenes], "zo": {**DEFAULT_ZO, **args.zo},
-            "ti": args.ti, "eval": args.eval}
+            "ti": args.ti, "eval": args.eval, "vocabulary": str((work / "vocabulary.txt").resolve())}
     path = folder / "concept.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     if old != spec:                       # new settings: earlier method results no longer apply
@@ -163,6 +163,7 @@ def run_all(a, methods: list[str]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
     models = prepare_models(a.work, log)
+    (work / "vocabulary.txt").write_text("\n".join(world.vocabulary()) + "\n")   # prior of vocab directions
     picked = concepts(a.concepts, a.seed)
     specs = [write_concept(work, i, c, a, models) for i, c in enumerate(picked)]
     results = []

@@ -312,3 +312,26 @@ def test_static_batch_decides_the_calls():
 def test_sample_every_writes_a_grid(tiny_exported, images, tmp_path):
     T.train(tiny_exported, images, tmp_path, quick(steps=2, sample_every=2))
     assert (tmp_path / "samples" / "step_000002" / "grid.png").is_file()
+
+
+def test_vocab_directions_use_the_named_rows(tiny_exported, images, tmp_path):
+    """--prior-words picks the rows whose covariance shapes the directions; no file: the whole table."""
+    words = tmp_path / "words.txt"
+    words.write_text("dog cat\nphoto a\n")
+    run = T._open(tiny_exported, images, tmp_path / "o1", quick(directions="vocab", prior_words=str(words)))
+    tok = run.text.tokenizer
+    ids = sorted({tok.token_id(p) for w in ("dog", "cat", "photo", "a") for p in tok.tokenize(w)})
+    from zo_runtime import zo
+    assert np.allclose(run.prior, zo.prior_sqrt(np.asarray(run.text.table[ids]), 0.1), atol=1e-6)
+    whole = T._open(tiny_exported, images, tmp_path / "o2", quick(directions="vocab")).prior
+    assert np.allclose(whole, zo.prior_sqrt(np.asarray(run.text.table), 0.1), atol=1e-6)
+    assert T._open(tiny_exported, images, tmp_path / "o3", quick()).prior is None
+    out = T.train(tiny_exported, images, tmp_path / "o4", quick(directions="vocab", prior_words=str(words)))
+    assert out.is_file()
+    with pytest.raises(FileNotFoundError, match="prior-words"):
+        T._open(tiny_exported, images, tmp_path / "o5", quick(directions="vocab", prior_words=str(tmp_path / "no")))
+    (tmp_path / "one.txt").write_text("dog")
+    with pytest.raises(ValueError, match="at least 2"):
+        T._open(tiny_exported, images, tmp_path / "o6", quick(directions="vocab", prior_words=str(tmp_path / "one.txt")))
+    with pytest.raises(ValueError, match="prior-mix"):
+        quick(prior_mix=2.0)

@@ -76,6 +76,82 @@ def test_orthogonal_directions_sweep_an_orthonormal_basis():
         zo.ZOConfig(directions="sobol")
 
 
+def test_vocab_prior_is_the_square_root_of_the_mixed_covariance():
+    """A A = (1 - mix) C + mix I with C scaled to trace d; directions then have that covariance."""
+    d = 8
+    rows = np.random.default_rng(2).standard_normal((500, d)) * np.linspace(0.1, 3.0, d)   # anisotropic words
+    a = zo.prior_sqrt(rows, 0.2).astype(np.float64)
+    c = np.cov(rows.T)
+    want = 0.8 * c * d / np.trace(c) + 0.2 * np.eye(d)
+    assert np.allclose(a, a.T, atol=1e-6) and np.allclose(a @ a, want, atol=1e-5)
+    # Chunked statistics equal the one-shot ones on a table longer than one 4096-row slice.
+    big = np.random.default_rng(3).standard_normal((9000, d)).astype(np.float32) * np.arange(1, d + 1)
+    cb = np.cov(big.T.astype(np.float64))
+    assert np.allclose(zo.prior_sqrt(big, 0.0) @ zo.prior_sqrt(big, 0.0), cb * d / np.trace(cb), atol=1e-4)
+    cfg = zo.ZOConfig(directions="vocab")
+    zs = np.array([zo.direction(1, s, 0, 2 * d, cfg, a) for s in range(1, 4001)], np.float64)   # 2 vectors
+    for block in (zs[:, :d], zs[:, d:]):                       # each vector of the token gets the same prior
+        assert np.allclose(np.cov(block.T), want, atol=0.15)
+    with pytest.raises(ValueError, match="prior"):
+        zo.direction(1, 1, 0, d, cfg)
+    with pytest.raises(ValueError, match="mix"):
+        zo.prior_sqrt(rows, 1.5)
+
+
+def test_vocab_estimate_is_the_preconditioned_gradient():
+    """E[g] is proportional to S grad (not grad): steps favour the directions words span."""
+    cfg = zo.ZOConfig(queries=2, mu=1e-4, directions="vocab")
+    prior = zo.prior_sqrt(np.random.default_rng(4).standard_normal((300, D)) * np.linspace(0.2, 2.0, D), 0.1)
+    gs = []
+    for s in range(2000):
+        losses = [quad(p) for p in zo.query_points(X, s, 1, cfg, prior=prior)]
+        gs.append(zo.estimate(losses, s, 1, D, cfg, prior=prior))
+    want = prior.astype(np.float64) @ prior @ (A @ X)
+    assert cos(np.mean(gs, axis=0), want) > 0.95
+    assert cos(np.mean(gs, axis=0), A @ X) < cos(np.mean(gs, axis=0), want) - 0.02
+
+
+def test_cosine_lr_schedule():
+    cfg = zo.ZOConfig(lr=0.02, lr_schedule="cosine", lr_final=0.1, horizon=100)
+    assert zo.lr_at(cfg, 1) == pytest.approx(0.02)
+    assert zo.lr_at(cfg, 51) == pytest.approx(0.02 * (0.1 + 0.9 * 0.5))
+    assert zo.lr_at(cfg, 101) == pytest.approx(0.002) and zo.lr_at(cfg, 500) == pytest.approx(0.002)
+    assert all(zo.lr_at(cfg, s) >= zo.lr_at(cfg, s + 1) for s in range(1, 120))
+    assert zo.lr_at(zo.ZOConfig(lr=0.02), 10_000) == 0.02          # constant: the reference
+    # The same update at step 101 is a tenth of the constant-lr one.
+    moves = []
+    for c in (cfg, zo.ZOConfig(lr=0.02)):
+        st = zo.ZOState.start(np.zeros(4), c)
+        st.step = 100
+        zo.adam_update(st, np.ones(4, np.float32), c)
+        moves.append(st.v)
+    assert np.allclose(moves[0], 0.1 * moves[1], rtol=1e-5) and moves[1][0] < 0
+    with pytest.raises(ValueError, match="horizon"):
+        zo.ZOConfig(lr_schedule="cosine")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        zo.ZOConfig(lr_schedule="step")
+
+
+def test_averaged_result_is_the_bias_corrected_ema_and_survives_a_checkpoint():
+    cfg = zo.ZOConfig(queries=1, tau=4, average=0.9, subspace=False)
+    st = zo.ZOState.start(np.zeros(3), cfg)
+    assert np.array_equal(zo.result(st, cfg), st.v)                      # nothing averaged yet
+    seen = []
+    for k in range(1, 6):
+        zo.update(st, np.array([0.0, 1e-3 * k]), seed=k, cfg=cfg)
+        seen.append(st.v.copy())
+    w = 0.9 ** np.arange(4, -1, -1) * 0.1
+    assert np.allclose(zo.result(st, cfg), (w[:, None] * seen).sum(0) / w.sum(), atol=1e-7)
+    assert not np.allclose(zo.result(st, cfg), st.v)
+    back = zo.ZOState.from_arrays(st.arrays())
+    assert np.array_equal(zo.result(back, cfg), zo.result(st, cfg))
+    old = {k: v for k, v in st.arrays().items() if k != "avg"}             # a checkpoint from before averaging
+    assert np.array_equal(zo.ZOState.from_arrays(old).avg, np.zeros(3, np.float32))
+    assert np.array_equal(zo.result(st, zo.ZOConfig()), st.v)             # average=0: the last iterate
+    with pytest.raises(ValueError, match="average"):
+        zo.ZOConfig(average=1.0)
+
+
 def test_spsa_uses_two_passes_per_query():
     cfg = zo.ZOConfig(queries=2, mu=1e-2, estimator="spsa")
     pts = zo.query_points(X, 0, 1, cfg)

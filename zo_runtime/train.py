@@ -40,12 +40,20 @@ class TrainConfig:
     nu: float = 1e-3                 # subspace keeps components explaining > 1 - nu of the variance
     t_range: tuple[int, int] = (500, 900)   # PUTS: t < 500 carries almost no text signal
     lr: float = 5e-3                 # paper (reference script: 1e-2)
+    lr_schedule: str = "constant"    # reference; cosine decays lr to lr_final * lr over the run (zo.ZOConfig)
+    lr_final: float = 0.1            # cosine's last lr as a share of lr: a floor keeps late steps useful
+    lr_horizon: int = 0              # steps the cosine spans; 0: --steps (a resume with more steps re-spans it)
+    average: float = 0.0             # saved vector: last iterate (reference) or an EMA of iterates (zo.ZOConfig)
     steps: int = 30000               # reference schedule (31 min on an RTX 3090)
     num_vectors: int = 1             # reference trains one vector
     estimator: str = "rge"           # one-sided; spsa (two-sided, 2n passes) scored worse
     subspace: bool = True            # Subspace Gradient on
     subspace_cap: float = 0.17       # share of dims it may remove: reference on SD (D >= 768), sane at D = 128
-    directions: str = "gaussian"     # perturbations: gaussian (reference) or orthogonal sweeps (zo.direction)
+    directions: str = "gaussian"     # perturbations: gaussian (reference), orthogonal sweeps or vocab (zo.direction)
+    # vocab directions: covariance of these words' rows (a text file of words; None: the whole token table,
+    # right for SD whose every row is trained), mixed with this share of the identity (every dim reachable).
+    prior_words: str | None = None
+    prior_mix: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)   # ZO-Adam moments (reference ZOAdam); beta1 averages directions
     templates: str = "object"        # diffusers' TI templates; "style" for styles
     captions: str | None = None      # per-image captions file (overrides templates)
@@ -78,6 +86,8 @@ class TrainConfig:
         if not self.token.strip() or " " in self.token:
             raise ValueError(f"--token must be one word such as 'sks', got {self.token!r}")
         prompts.templates(self.templates)
+        if not 0 <= self.prior_mix <= 1:
+            raise ValueError(f"--prior-mix must be in [0, 1], got {self.prior_mix}")
         if self.latent not in ("sample", "mean"):
             raise ValueError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
         if self.unet_batch not in ("batch", "single"):
@@ -87,7 +97,25 @@ class TrainConfig:
     def zo(self) -> zo.ZOConfig:
         return zo.ZOConfig(queries=self.queries, mu=self.mu, estimator=self.estimator, tau=self.tau,
                            nu=self.nu, subspace=self.subspace, subspace_cap=self.subspace_cap, lr=self.lr,
-                           directions=self.directions, betas=self.betas)
+                           directions=self.directions, betas=self.betas, lr_schedule=self.lr_schedule,
+                           lr_final=self.lr_final, horizon=self.lr_horizon or self.steps, average=self.average)
+
+
+def _prior(text: TextEncoder, cfg: TrainConfig) -> np.ndarray | None:
+    """(d, d) square root of the vocab-direction covariance, or None for the other direction kinds."""
+    if cfg.directions != "vocab":
+        return None
+    if cfg.prior_words is None:
+        return zo.prior_sqrt(text.table, cfg.prior_mix)
+    path = Path(cfg.prior_words)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prior-words {path} is missing: give a text file of words, or leave it out "
+                                "to use the whole token table")
+    pieces = [p for w in path.read_text(encoding="utf-8").split() for p in text.tokenizer.tokenize(w)]
+    ids = sorted({text.tokenizer.token_id(p) for p in pieces})
+    if len(ids) < 2:
+        raise ValueError(f"--prior-words {path} names {len(ids)} token(s); a covariance needs at least 2")
+    return zo.prior_sqrt(np.asarray(text.table[ids], np.float32), cfg.prior_mix)
 
 
 def _place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
@@ -144,6 +172,7 @@ class _Run:
     resolution: int
     unet_rows: int            # UNet batch per call: passes (batched) or 1
     text_rows: int            # text-encoder batch per call
+    prior: np.ndarray | None  # (d, d) vocab-direction map, or None
 
 
 def _batch_dim(session: OnnxModel, name: str) -> int | None:
@@ -174,7 +203,7 @@ def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
     unet_rows = _rows(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     text_rows = _rows(text.session, "inputs_embeds", passes, passes, "text encoder")
     return _Run(model, text, unet, latents, _Prompts(text, tokens, latents.names, cfg), tokens, v0,
-                model.alphas_cumprod(), res, unet_rows, text_rows)
+                model.alphas_cumprod(), res, unet_rows, text_rows, _prior(text, cfg))
 
 
 def _losses(run: _Run, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
@@ -264,7 +293,8 @@ def _save(out: Path, run: _Run, state: zo.ZOState, cfg: TrainConfig) -> Path:
     """Atomic checkpoint (state + config), then the learned embeddings."""
     arrays = {**state.arrays(), "config": np.array(json.dumps(_config_dict(cfg)))}
     atomic_write(out / CHECKPOINT, lambda p: data._savez(p, **arrays))
-    return save_learned_embeds(out / "learned_embeds.safetensors", cfg.token, state.v.reshape(run.v0.shape))
+    return save_learned_embeds(out / "learned_embeds.safetensors", cfg.token,
+                               zo.result(state, cfg.zo).reshape(run.v0.shape))
 
 
 def _write_config(out: Path, run: _Run, cfg: TrainConfig, images_dir) -> None:
@@ -320,7 +350,7 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
             step = state.step + 1
             prompt, base, rows, t, x_t, target = _draw(run, cfg, cfg.seed, step)   # 1-3: shared by all passes
             # 4-5. Losses at v (and v + mu z_i): placeholder rows replaced in every pass.
-            zo.query_points(state.v, cfg.seed, step, zcfg, out=pts)
+            zo.query_points(state.v, cfg.seed, step, zcfg, out=pts, prior=run.prior)
             emb[:] = base
             for j, r in enumerate(rows):
                 emb[:, r] = pts.reshape(P, k, d)[:, j, None]
@@ -334,7 +364,7 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
                     f"{cfg.save_every or cfg.steps} steps) is intact: lower --lr or --mu and resume, or check the model")
             # 5-7. Estimate, project, Adam, history, PCA refresh.
             projected = int(state.basis.shape[0]) if cfg.subspace else 0   # dims removed from this step's g
-            g = zo.update(state, losses, cfg.seed, zcfg)
+            g = zo.update(state, losses, cfg.seed, zcfg, prior=run.prior)
             loss = float(losses[0] if cfg.estimator == "rge" else losses.mean())
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             seconds = time.perf_counter() - t0

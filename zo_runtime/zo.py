@@ -13,7 +13,7 @@ import numpy as np
 
 # Stream ids keep the data draws and the perturbation directions independent.
 _DATA, _DIRECTION, _SWEEP = 0, 1, 2
-DIRECTIONS = ("gaussian", "orthogonal")
+DIRECTIONS = ("gaussian", "orthogonal", "vocab")
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,21 @@ class ZOConfig:
     # froze 121 of 128 dims after the first refresh and halved toy-world concept fidelity.
     subspace_cap: float = 0.17
     lr: float = 5e-3                 # paper's learning rate (reference script: 1e-2)
+    # constant: the reference. cosine: lr * (f + (1 - f)(1 + cos(pi t / T)) / 2) over T = horizon steps,
+    # f = lr_final: ZO-Adam moves every coordinate each step, mostly along noise, so a late, smaller lr
+    # shrinks the random walk around the solution that a constant lr keeps up to the end.
+    lr_schedule: str = "constant"
+    lr_final: float = 0.1
+    horizon: int = 0                 # T of the schedule (the run's steps); unused when constant
+    # The returned vector: 0 = the last iterate (reference); a > 0 = the bias-corrected EMA of the iterates
+    # with decay a (0.998: about the last 500 steps), which averages out the walk the noisy steps leave.
+    average: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)  # Adam defaults, as in the reference ZOAdam
     eps: float = 1e-3                # large on purpose: damps steps where the ZO second moment is tiny
     # gaussian: z ~ N(0, I) (the reference). orthogonal: sweeps of a seeded random orthonormal basis
     # scaled to |z|^2 = D, so D/n consecutive steps probe every direction once (lower-variance sums).
+    # vocab: z ~ N(0, S), S the token table's covariance (see prior_sqrt), so queries favour the
+    # directions in which words differ.
     directions: str = "gaussian"
 
     def __post_init__(self):
@@ -52,6 +63,14 @@ class ZOConfig:
             raise ValueError(f"subspace_cap must be in [0, 1], got {self.subspace_cap}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.average < 1:
+            raise ValueError(f"average must be in [0, 1) (an EMA decay; 0: last iterate), got {self.average}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0 <= self.lr_final <= 1:
+            raise ValueError(f"lr_final must be in [0, 1] (a share of lr), got {self.lr_final}")
+        if self.lr_schedule != "constant" and self.horizon < 1:
+            raise ValueError(f"a {self.lr_schedule} lr schedule needs horizon >= 1 (the run's steps)")
         if self.directions not in DIRECTIONS:
             raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}, got {self.directions!r}")
         if not all(0 <= b < 1 for b in self.betas):
@@ -68,14 +87,21 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, _DATA])
 
 
-def direction(seed: int, step: int, i: int, size: int, cfg: ZOConfig | None = None) -> np.ndarray:
+def direction(seed: int, step: int, i: int, size: int, cfg: ZOConfig | None = None,
+              prior: np.ndarray | None = None) -> np.ndarray:
     """(D,) direction z_i of query i of a step, regenerated from its seed whenever needed.
 
     gaussian: z ~ N(0, I_D). orthogonal: row k mod D of sweep k // D's orthonormal basis times sqrt(D),
-    k = (step - 1) * n + i counting queries from the start of the run.
+    k = (step - 1) * n + i counting queries from the start of the run. vocab: the gaussian draw mapped
+    by the (d, d) symmetric square root `prior` of the covariance, vector by vector (D = k d).
     """
-    if cfg is None or cfg.directions == "gaussian":
-        return np.random.default_rng([seed, step, _DIRECTION, i]).standard_normal(size, dtype=np.float32)
+    if cfg is None or cfg.directions in ("gaussian", "vocab"):
+        z = np.random.default_rng([seed, step, _DIRECTION, i]).standard_normal(size, dtype=np.float32)
+        if cfg is None or cfg.directions == "gaussian":
+            return z
+        if prior is None:
+            raise ValueError("directions='vocab' needs the prior matrix (zo.prior_sqrt of the token table)")
+        return (z.reshape(-1, prior.shape[0]) @ prior).ravel()      # prior is symmetric: z A^T = z A
     k = (step - 1) * cfg.queries + i
     return _sweep_basis(seed, k // size, size)[k % size] * np.float32(np.sqrt(size))
 
@@ -88,28 +114,52 @@ def _sweep_basis(seed: int, sweep: int, size: int) -> np.ndarray:
     return np.ascontiguousarray((q * np.sign(np.diag(r))).T, dtype=np.float32)   # sign fix: Haar-distributed
 
 
+def prior_sqrt(rows: np.ndarray, mix: float) -> np.ndarray:
+    """(d, d) symmetric A with A A = S = (1 - mix) C + mix I, C the (N, d) rows' covariance scaled to trace d.
+
+    E|A z|^2 = d like a plain gaussian, so mu and the estimator's scale keep their meaning; mix > 0
+    keeps every direction reachable (a concept may need one no word uses).
+    """
+    if not 0 <= mix <= 1:
+        raise ValueError(f"prior mix must be in [0, 1], got {mix}")
+    rows = np.asarray(rows)                              # may be a memory-mapped (V, d) table
+    d, chunks = rows.shape[1], range(0, len(rows), 4096)  # float64 4096-row slices, never a (V, d) copy
+    mean = np.zeros(d)
+    for i in chunks:
+        mean += np.asarray(rows[i:i + 4096], np.float64).sum(axis=0) / len(rows)
+    cov = np.zeros((d, d))
+    for i in chunks:
+        c = np.asarray(rows[i:i + 4096], np.float64) - mean
+        cov += c.T @ c / max(len(rows) - 1, 1)
+    cov *= d / np.trace(cov) if np.trace(cov) > 0 else 0.0
+    w, v = np.linalg.eigh((1 - mix) * cov + mix * np.eye(d))
+    return ((v * np.sqrt(np.clip(w, 0, None))) @ v.T).astype(np.float32)
+
+
 def sample_timestep(rng: np.random.Generator, lo: int, hi: int) -> int:
     """PUTS: one t ~ Uniform{lo, ..., hi-1} shared by every pass of the step."""
     return int(rng.integers(lo, hi))
 
 
-def query_points(v: np.ndarray, seed: int, step: int, cfg: ZOConfig, out: np.ndarray | None = None) -> np.ndarray:
+def query_points(v: np.ndarray, seed: int, step: int, cfg: ZOConfig, out: np.ndarray | None = None,
+                 prior: np.ndarray | None = None) -> np.ndarray:
     """(P, D) points to evaluate: rge [v, v+mu z_1..n]; spsa [v+mu z_1, v-mu z_1, ...]."""
     out = np.empty((cfg.passes, v.size), np.float32) if out is None else out
     if cfg.estimator == "rge":
         out[0] = v
         for i in range(cfg.queries):
-            np.multiply(direction(seed, step, i, v.size, cfg), cfg.mu, out=out[i + 1])
+            np.multiply(direction(seed, step, i, v.size, cfg, prior), cfg.mu, out=out[i + 1])
             out[i + 1] += v
     else:
         for i in range(cfg.queries):
-            z = direction(seed, step, i, v.size, cfg) * np.float32(cfg.mu)
+            z = direction(seed, step, i, v.size, cfg, prior) * np.float32(cfg.mu)
             out[2 * i] = v + z
             out[2 * i + 1] = v - z
     return out
 
 
-def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig, projected: int = 0) -> np.ndarray:
+def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig, projected: int = 0,
+             prior: np.ndarray | None = None) -> np.ndarray:
     """g = sum_i g_i z_i / (n sqrt((D' + n - 1) / n)), D' = D - projected dims (reference ZOAdam)."""
     losses = np.asarray(losses, dtype=np.float64)
     n = cfg.queries
@@ -119,7 +169,7 @@ def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig,
         coeffs = (losses[0::2] - losses[1::2]) / (2 * cfg.mu)
     g = np.zeros(size, np.float64)
     for i, c in enumerate(coeffs):
-        g += c * direction(seed, step, i, size, cfg)
+        g += c * direction(seed, step, i, size, cfg, prior)
     return (g / (n * np.sqrt((size - projected + n - 1) / n))).astype(np.float32)
 
 
@@ -154,20 +204,43 @@ class ZOState:
     history: np.ndarray    # (tau, D) ring buffer of v after each update
     basis: np.ndarray      # (r, D) directions projected out (r = 0 until the first refresh)
     step: int = 0          # updates done
+    avg: np.ndarray | None = None   # (D,) EMA of v, not bias-corrected (ZOConfig.average > 0)
 
     @classmethod
     def start(cls, v: np.ndarray, cfg: ZOConfig) -> "ZOState":
         v = np.asarray(v, np.float32).ravel().copy()
         z = np.zeros_like(v)
-        return cls(v, z, z.copy(), np.zeros((cfg.tau, v.size), np.float32), np.zeros((0, v.size), np.float32))
+        return cls(v, z, z.copy(), np.zeros((cfg.tau, v.size), np.float32), np.zeros((0, v.size), np.float32),
+                   avg=z.copy())
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"v": self.v, "m": self.m, "s": self.s, "history": self.history, "basis": self.basis,
-                "step": np.int64(self.step)}
+                "step": np.int64(self.step), "avg": self.avg if self.avg is not None else np.zeros_like(self.v)}
 
     @classmethod
     def from_arrays(cls, a) -> "ZOState":
-        return cls(*(np.array(a[k], np.float32) for k in ("v", "m", "s", "history", "basis")), step=int(a["step"]))
+        keys = a.files if hasattr(a, "files") else list(a)
+        arrs = (np.array(a[k], np.float32) for k in ("v", "m", "s", "history", "basis"))
+        avg = np.array(a["avg"], np.float32) if "avg" in keys else None   # older checkpoints: no average
+        state = cls(*arrs, step=int(a["step"]), avg=avg)
+        if state.avg is None:
+            state.avg = np.zeros_like(state.v)
+        return state
+
+
+def result(state: ZOState, cfg: ZOConfig) -> np.ndarray:
+    """(D,) the vector a run returns: the last iterate, or the bias-corrected EMA (cfg.average)."""
+    if cfg.average == 0 or state.step == 0:
+        return state.v
+    return (state.avg / (1 - cfg.average ** state.step)).astype(np.float32)
+
+
+def lr_at(cfg: ZOConfig, step: int) -> float:
+    """Learning rate of update `step` (1-based); steps past the horizon keep the final rate."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = min(step - 1, cfg.horizon) / cfg.horizon
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + np.cos(np.pi * frac)))
 
 
 def adam_update(state: ZOState, g: np.ndarray, cfg: ZOConfig) -> None:
@@ -180,19 +253,22 @@ def adam_update(state: ZOState, g: np.ndarray, cfg: ZOConfig) -> None:
     state.s += (1 - b2) * g * g
     m_hat = state.m / (1 - b1 ** t)
     s_hat = state.s / (1 - b2 ** t)
-    state.v -= (cfg.lr * m_hat / (np.sqrt(s_hat) + cfg.eps)).astype(np.float32)
+    state.v -= (lr_at(cfg, t) * m_hat / (np.sqrt(s_hat) + cfg.eps)).astype(np.float32)
 
 
-def update(state: ZOState, losses: np.ndarray, seed: int, cfg: ZOConfig) -> np.ndarray:
+def update(state: ZOState, losses: np.ndarray, seed: int, cfg: ZOConfig, prior: np.ndarray | None = None) -> np.ndarray:
     """One optimizer step from the step's losses: estimate, project, Adam, history, PCA refresh.
 
-    Returns the gradient actually applied (after projection).
+    Returns the gradient actually applied (after projection). `prior`: see direction (vocab only).
     """
     step = state.step + 1
-    g = estimate(losses, seed, step, state.v.size, cfg, projected=state.basis.shape[0])
+    g = estimate(losses, seed, step, state.v.size, cfg, projected=state.basis.shape[0], prior=prior)
     if cfg.subspace:
         g = project(g, state.basis)
     adam_update(state, g, cfg)
+    if cfg.average:
+        state.avg *= cfg.average
+        state.avg += (1 - cfg.average) * state.v
     state.step = step
     state.history[(step - 1) % cfg.tau] = state.v
     if cfg.subspace and step % cfg.tau == 0:           # refresh after every tau updates

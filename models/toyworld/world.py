@@ -223,6 +223,15 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(a=a, bg=scene.background)
 
 
+def vocabulary() -> list[str]:
+    """Every word a caption can use: the rows of the token table this model trained (the rest of its
+    49,408 rows keep their random init), i.e. the toy's counterpart of SD's whole trained table."""
+    words = {*SHAPES, *COLOR_NAMES, *PATTERNS, *BACKGROUND_NAMES, "with", "pattern", "that", "is", "and"}
+    for template in (*CAPTION_TEMPLATES, *NO_BACKGROUND_TEMPLATES):
+        words.update(template.replace("{a}", " ").replace("{bg}", " ").replace(",", " ").split())
+    return sorted(words)
+
+
 def prompt(shape: str, color: str, pattern: str, background: str) -> str:
     """The canonical evaluation prompt for a full attribute set."""
     return f"a {color} {pattern} {shape} on a {background} background"

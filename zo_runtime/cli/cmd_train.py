@@ -10,7 +10,8 @@ from ._common import friendly_errors, provider_option, provider_options_option
 # Same defaults as zo_runtime.train.TrainConfig (tests/test_train.py checks they agree).
 DEFAULTS = dict(queries=2, mu=1e-3, tau=128, nu=1e-3, t_range=(500, 900), lr=5e-3, steps=30000, num_vectors=1,
                 estimator="rge", templates="object", seed=0, unet_batch="single", save_every=500, sample_every=0,
-                latent="sample", directions="gaussian", betas=(0.9, 0.999), subspace_cap=0.17)
+                latent="sample", directions="gaussian", betas=(0.9, 0.999), subspace_cap=0.17, prior_mix=0.1,
+                lr_schedule="constant", lr_final=0.1, average=0.0)
 
 
 def train_options(fn):
@@ -28,6 +29,12 @@ def train_options(fn):
         click.option("--t-range", type=(int, int), default=d["t_range"], show_default=True, metavar="LO HI",
                      help="PUTS timestep range [LO, HI); 0 1000 = plain uniform."),
         click.option("--lr", type=float, default=d["lr"], show_default=True, help="ZO-Adam learning rate."),
+        click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=d["lr_schedule"],
+                     show_default=True, help="cosine: decay lr over --steps to --lr-final x lr."),
+        click.option("--lr-final", type=float, default=d["lr_final"], show_default=True,
+                     help="cosine: the last lr as a share of --lr."),
+        click.option("--average", type=float, default=d["average"], show_default=True,
+                     help="Save the EMA of the iterates with this decay (0.998 ~ last 500 steps); 0: last iterate."),
         click.option("--steps", type=int, default=d["steps"], show_default=True, help="Training steps."),
         click.option("--num-vectors", type=int, default=d["num_vectors"], show_default=True, help="Vectors per token (sks, sks_1, ...)."),
         click.option("--resolution", type=int, default=None, help="Training resolution in px [default: the model's native]."),
@@ -36,8 +43,13 @@ def train_options(fn):
         click.option("--no-subspace", is_flag=True, help="Turn Subspace Gradient off."),
         click.option("--subspace-cap", type=float, default=d["subspace_cap"], show_default=True,
                      help="Largest share of the embedding dims Subspace Gradient may remove (1 = uncapped)."),
-        click.option("--directions", type=click.Choice(["gaussian", "orthogonal"]), default=d["directions"],
-                     show_default=True, help="Perturbations: N(0, I) or sweeps of a random orthonormal basis."),
+        click.option("--directions", type=click.Choice(["gaussian", "orthogonal", "vocab"]), default=d["directions"],
+                     show_default=True, help="Perturbations: N(0, I), sweeps of a random orthonormal basis, or "
+                     "N(0, S) with S the covariance of the token table's rows."),
+        click.option("--prior-words", type=click.Path(path_type=Path), default=None,
+                     help="vocab directions: a text file of words whose rows give S [default: the whole table]."),
+        click.option("--prior-mix", type=float, default=d["prior_mix"], show_default=True,
+                     help="vocab directions: share of the identity mixed into S (keeps every direction reachable)."),
         click.option("--beta1", type=float, default=d["betas"][0], show_default=True,
                      help="ZO-Adam first-moment decay: higher averages more directions per update."),
         click.option("--templates", type=click.Choice(["object", "style"]), default=d["templates"], show_default=True,
@@ -68,6 +80,8 @@ def _config(kw: dict):
         t_range=kw["t_range"], lr=kw["lr"], steps=kw["steps"], num_vectors=kw["num_vectors"],
         estimator=kw["estimator"], subspace=not kw["no_subspace"], templates=kw["templates"],
         directions=kw["directions"], betas=(kw["beta1"], DEFAULTS["betas"][1]), subspace_cap=kw["subspace_cap"],
+        lr_schedule=kw["lr_schedule"], lr_final=kw["lr_final"], average=kw["average"],
+        prior_words=str(kw["prior_words"]) if kw["prior_words"] else None, prior_mix=kw["prior_mix"],
         captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
         latent=kw["latent"], unet_batch=kw["unet_batch"], provider=kw["provider"],
         provider_options=tuple(parse_options(kw["provider_options"]).items()), save_every=kw["save_every"],
