@@ -29,9 +29,11 @@ ZO_METHODS = {
     "no_subspace": ("w8", {"subspace": False}),
     "uniform_t": ("w8", {"t_range": (0, 1000)}),
     "subspace_uncapped": ("w8", {"subspace_cap": 1.0}),   # the paper's rule as is (see zo.ZOConfig.subspace_cap)
-    "zoodip_vocab": ("w8", {"directions": "vocab"}),      # directions from the trained rows' covariance
+    # directions from the trained rows' covariance, half of it isotropic (0.1 stalled 1 of 4 concepts)
+    "zoodip_vocab": ("w8", {"directions": "vocab", "prior_mix": 0.5}),
     "zoodip_cosine": ("w8", {"lr_schedule": "cosine"}),   # lr decays to 0.1x over the run
     "zoodip_avg": ("w8", {"average": 0.998}),             # the EMA of the iterates (~ last 500 steps)
+    "zoodip_q4": ("w8", {"queries": 4, "unet_batch": "batch"}),   # 4 queries, 5 passes in one UNet call
 }
 METHODS = (*ZO_METHODS, "backprop_ti", "init_only", "oracle_prompt")
 TOKEN = "sks"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +85,15 @@ def write_concept(work: Path, i: int, concept, args, models: dict) -> Path:
     return path
 
 
-def run_method(spec_path: Path, method: str, log: Path) -> dict:
+def run_method(spec_path: Path, method: str, log: Path, jobs: int = 1) -> dict:
     """A method's result for one concept, computed once (the .result.json file is the resume point)."""
     done = spec_path.with_name(f"{method}.result.json")
     if done.is_file():
         return json.loads(done.read_text())
     shutil.rmtree(spec_path.parent / method, ignore_errors=True)     # a killed run's partial training
-    res = common.run_isolated("bench.toy_method", [method, "--concept", str(spec_path)], log)
+    # Side by side, each process gets one thread: a toy step is no faster on two (DEVELOPERS.md).
+    env = {**os.environ, "ZOODIP_THREADS": "1", "OMP_NUM_THREADS": "1"} if jobs > 1 else None
+    res = common.run_isolated("bench.toy_method", [method, "--concept", str(spec_path)], log, env=env)
     common.write_json(done, res)
     return res
 
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ti", action="append", default=[], metavar="KEY=VALUE", help="backprop TI override (lr, t_range)")
     p.add_argument("--eval", action="append", default=[], metavar="KEY=VALUE",
                    help="scoring override (images_per_prompt, steps, guidance): smaller for smoke runs")
+    p.add_argument("--jobs", type=int, default=1, help="(concept, method) processes at once, one thread each")
     p.add_argument("--work", type=Path, default=Path("runs/toy_quality"), help="models, images, per-method results")
     p.add_argument("--out", type=Path, required=True, help="result JSON (figure and table are written beside it)")
     a = p.parse_args(argv)
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {a.jobs}")
     run_all(a, methods)
 
 
@@ -166,16 +173,20 @@ def run_all(a, methods: list[str]) -> dict:
     (work / "vocabulary.txt").write_text("\n".join(world.vocabulary()) + "\n")   # prior of vocab directions
     picked = concepts(a.concepts, a.seed)
     specs = [write_concept(work, i, c, a, models) for i, c in enumerate(picked)]
-    results = []
     bar = tqdm(total=len(specs) * len(methods), desc="toy quality", unit="run")
-    for spec in specs:
-        row = {}
-        for m in methods:
-            bar.set_postfix_str(f"{spec.parent.name} {m}")
-            row[m] = run_method(spec, m, log)
-            bar.update(1)
-        results.append(row)
+
+    def one(job):
+        spec, m = job
+        res = run_method(spec, m, spec.with_name(f"{m}.log"), a.jobs)
+        bar.set_postfix_str(f"{spec.parent.name} {m}")
+        bar.update(1)
+        return res
+
+    jobs = [(spec, m) for spec in specs for m in methods]
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:      # each job is its own process; threads just wait
+        done = list(pool.map(one, jobs))
     bar.close()
+    results = [dict(zip(methods, done[i:i + len(methods)])) for i in range(0, len(done), len(methods))]
     out = {"config": {"concepts": a.concepts, "seed": a.seed, "steps": a.steps, "methods": methods,
                       "zo": {**DEFAULT_ZO, **a.zo}, "ti": a.ti, "images_per_concept": IMAGES_PER_CONCEPT,
                       "eval": vars(ToyEvalConfig(**a.eval))},

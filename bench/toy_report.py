@@ -21,7 +21,7 @@ from zo_runtime.io_utils import atomic_write, atomic_write_text
 from .toy_method import METHODS
 
 LABELS = {"zoodip": "zoodip (w8, ZO)", "zoodip_vocab": "zoodip, vocab directions", "zoodip_cosine": "zoodip, cosine lr",
-          "zoodip_avg": "zoodip, averaged iterates",
+          "zoodip_avg": "zoodip, averaged iterates", "zoodip_q4": "zoodip, 4 queries batched",
           "zoodip_fp32": "zoodip fp32 (ZO)", "no_subspace": "zoodip, no subspace", "uniform_t": "zoodip, uniform t",
           "subspace_uncapped": "zoodip, subspace uncapped", "backprop_ti": "backprop TI (torch)",
           "init_only": "init word only", "oracle_prompt": "concept in words"}

@@ -5,6 +5,7 @@ must get right whatever the training length: the oracle (concept in words) beats
 passes are counted per method, the curve covers the eval steps, an interrupted run resumes.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def test_one_concept_smoke(tmp_path):
     args = ["--concepts", "1", "--seed", "0", "--steps", str(STEPS), "--work", str(tmp_path / "work"),
             "--methods", "zoodip,backprop_ti,init_only,oracle_prompt", "--eval", "images_per_prompt=4",
             "--eval", "steps=15", "--out", str(out)]
-    toy_quality.main(args)
+    toy_quality.main(args + ["--jobs", "2"])                      # two (concept, method) processes at once
     res = json.loads(out.read_text())
     m = res["methods"]
     assert set(m) == {"zoodip", "backprop_ti", "init_only", "oracle_prompt"}
@@ -61,6 +62,8 @@ def test_one_concept_smoke(tmp_path):
     assert m["backprop_ti"]["forward_passes"] == STEPS
     for s in m.values():
         assert 0.0 <= s["concept_fidelity"] <= 1.0 and 0.0 < s["peak_rss_gb"] < 4.0
+    assert res["per_concept"][0]["zoodip"]["method"] == "zoodip"      # results land under their own method
+    assert (Path(res["concepts"][0]["work"]) / "zoodip.log").is_file()   # one log per (concept, method)
     samples = np.load(res["per_concept"][0]["zoodip"]["samples"])
     assert samples.shape == (4, 4, 64, 64, 3) and samples.dtype == np.uint8
     assert out.with_suffix(".md").read_text().count("\n|") >= 5
