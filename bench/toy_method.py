@@ -34,6 +34,9 @@ ZO_METHODS = {
     "zoodip_cosine": ("w8", {"lr_schedule": "cosine"}),   # lr decays to 0.1x over the run
     "zoodip_avg": ("w8", {"average": 0.998}),             # the EMA of the iterates (~ last 500 steps)
     "zoodip_q4": ("w8", {"queries": 4, "unet_batch": "batch"}),   # 4 queries, 5 passes in one UNet call
+    "zoodip_q8": ("w8", {"queries": 8, "unet_batch": "batch"}),   # 8 queries, 9 passes in one UNet call
+    "zoodip_q1": ("w8", {"queries": 1}),                  # 1 query: 2 passes a step, more data draws per pass
+    "zoodip_lr5e2": ("w8", {"lr": 0.05}),                 # 2.5x the benchmark's lr
 }
 METHODS = (*ZO_METHODS, "backprop_ti", "init_only", "oracle_prompt")
 TOKEN = "sks"

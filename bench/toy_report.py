@@ -22,6 +22,8 @@ from .toy_method import METHODS
 
 LABELS = {"zoodip": "zoodip (w8, ZO)", "zoodip_vocab": "zoodip, vocab directions", "zoodip_cosine": "zoodip, cosine lr",
           "zoodip_avg": "zoodip, averaged iterates", "zoodip_q4": "zoodip, 4 queries batched",
+          "zoodip_q8": "zoodip, 8 queries batched", "zoodip_q1": "zoodip, 1 query",
+          "zoodip_lr5e2": "zoodip, lr 5e-2",
           "zoodip_fp32": "zoodip fp32 (ZO)", "no_subspace": "zoodip, no subspace", "uniform_t": "zoodip, uniform t",
           "subspace_uncapped": "zoodip, subspace uncapped", "backprop_ti": "backprop TI (torch)",
           "init_only": "init word only", "oracle_prompt": "concept in words"}
