@@ -20,6 +20,7 @@ from zo_runtime.io_utils import atomic_write, atomic_write_text
 
 from .toy_method import METHODS
 
+GOAL_PASSES = 9000     # the budget: 1/10 of the reference 30,000 steps x 3 passes
 LABELS = {"zoodip": "zoodip (w8, ZO)", "zoodip_vocab": "zoodip, vocab directions", "zoodip_cosine": "zoodip, cosine lr",
           "zoodip_avg": "zoodip, averaged iterates", "zoodip_q4": "zoodip, 4 queries batched",
           "zoodip_q8": "zoodip, 8 queries batched", "zoodip_q1": "zoodip, 1 query",
@@ -92,15 +93,20 @@ def curve_figure(res: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for m in ordered(res):
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, m in enumerate(ordered(res)):
         s = res["methods"][m]
         xs = [p.get("forward_passes", 0) for p in s["curve"]]
         ys = [p["concept_fidelity"] for p in s["curve"]]
         if len(xs) == 1:
             ax.axhline(ys[0], ls=":", lw=1, color="gray" if m == "init_only" else "green", label=LABELS.get(m, m))
-        else:
-            ax.plot(xs, ys, marker="o", label=LABELS.get(m, m) + (" (fwd only)" if m == "backprop_ti" else ""))
+        else:   # past matplotlib's 10 colors, the line style tells methods apart
+            ax.plot(xs, ys, marker="o", ls=("-", "--", "-.")[i // 10 % 3],
+                    label=LABELS.get(m, m) + (" (fwd only)" if m == "backprop_ti" else ""))
+    if "backprop_ti" in res["methods"]:
+        ax.axhline(0.9 * res["methods"]["backprop_ti"]["concept_fidelity"], ls="--", lw=0.8, color="black",
+                   label="90% of backprop TI (final)")
+    ax.axvline(GOAL_PASSES, ls="--", lw=0.8, color="red", label=f"goal: {GOAL_PASSES:,} passes")
     ax.set_xscale("log")
     ax.set_xlabel("forward passes (backprop TI: forwards, each with a backward)")
     ax.set_ylabel("concept fidelity")
