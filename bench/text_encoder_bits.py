@@ -62,7 +62,7 @@ def measure(paths: dict[str, Path], table: np.ndarray) -> dict:
             fds.append(sess.run({"inputs_embeds": e})[0].astype(np.float64) - h0)   # (1, 77, d)
         outs[name] = (h0, fds)
         weights = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file() and f.suffix != ".npy")
-        res[name] = {"batch3_median_s": round(float(np.median(times)), 4), "weight_mb": round(weights / 2**20, 1)}
+        res[name] = {"batch3_median_s": round(float(np.median(times)), 4), "weight_mb": round(weights / 2**20, 3)}
         del sess
     ref_h, ref_fd = next(iter(outs.values()))
     for name, (h, fds) in outs.items():

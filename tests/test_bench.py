@@ -72,3 +72,17 @@ def test_speed_worker_times_every_shape(tiny_exported):
         for b in ("1", "3"):
             assert res["unet"][px][b]["median"] > 0
     assert res["text_encoder"]["3"]["median"] > 0 and res["peak_rss_gb"] > 0
+
+
+def test_text_encoder_bits_scores_against_fp32(tiny_exported, tmp_path):
+    """fp32 scores itself exactly; a 4-bit copy is close but not equal, on both hidden states and differences."""
+    from bench import text_encoder_bits as teb
+
+    src = tiny_exported / "text_encoder" / "model.onnx"
+    four = teb.build_4bit(src, tmp_path, 16)
+    assert teb.build_4bit(src, tmp_path, 16) == four                  # built once, then reused
+    table = np.load(tiny_exported / "text_encoder" / "token_embeddings.npy", mmap_mode="r")
+    res = teb.measure({"fp32": src, "w4": four}, table)
+    assert res["fp32"]["hidden_cosine"] == pytest.approx(1.0) and res["fp32"]["finite_difference_cosine"] == pytest.approx(1.0)
+    assert 0.5 < res["w4"]["hidden_cosine"] < 1.0 and 0.0 < res["w4"]["finite_difference_cosine"] < 1.0
+    assert res["w4"]["weight_mb"] < res["fp32"]["weight_mb"] and res["w4"]["batch3_median_s"] > 0
