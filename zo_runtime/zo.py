@@ -219,13 +219,10 @@ class ZOState:
 
     @classmethod
     def from_arrays(cls, a) -> "ZOState":
-        keys = a.files if hasattr(a, "files") else list(a)
-        arrs = (np.array(a[k], np.float32) for k in ("v", "m", "s", "history", "basis"))
-        avg = np.array(a["avg"], np.float32) if "avg" in keys else None   # older checkpoints: no average
-        state = cls(*arrs, step=int(a["step"]), avg=avg)
-        if state.avg is None:
-            state.avg = np.zeros_like(state.v)
-        return state
+        v, m, s, history, basis = (np.array(a[k], np.float32) for k in ("v", "m", "s", "history", "basis"))
+        keys = a.files if hasattr(a, "files") else a                      # an open .npz or a dict
+        avg = np.array(a["avg"], np.float32) if "avg" in keys else np.zeros_like(v)   # older checkpoints: none
+        return cls(v, m, s, history, basis, step=int(a["step"]), avg=avg)
 
 
 def result(state: ZOState, cfg: ZOConfig) -> np.ndarray:
