@@ -23,9 +23,14 @@ from zo_runtime.io_utils import atomic_write_json
 GIB = 2 ** 30
 # Packages whose versions decide the numbers; read from metadata so nothing heavy is imported.
 PACKAGES = ("numpy", "onnxruntime", "onnx", "torch", "diffusers", "transformers", "optimum", "optimum-onnx")
-# Said in every result: other engineers' jobs share the 2 cores, so times are upper bounds.
-SHARED_MACHINE_NOTE = ("step times measured on a shared, loaded machine (another job trains a model on the "
-                       "same 2 cores): treat times as upper bounds; peak RSS is per process and unaffected")
+
+
+def load_note(machine: dict) -> str:
+    """What a result says about its timing conditions, from the load average `machine_facts` recorded at its
+    start (a constant "loaded machine" note was also stamped on quiet runs)."""
+    load, cores = machine["loadavg_1_5_15"][0], machine["usable_cores"]
+    return (f"load average {load:.2f} on {cores} cores when the run started (other jobs share this machine): "
+            "times taken beside other work are upper bounds; peak RSS is per process and unaffected")
 
 
 def _cpu_model() -> str:

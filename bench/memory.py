@@ -128,7 +128,8 @@ def run(cfg: MemoryConfig, out: str | Path, merge: bool = False) -> Path:
         if result.get("resolution") != cfg.resolution:
             raise ValueError(f"{out} holds a {result.get('resolution')} px run; merge only runs at the same resolution")
     result.update({"resolution": cfg.resolution, "config": _jsonable(asdict(cfg)),
-                   "note": common.SHARED_MACHINE_NOTE, "machine": common.machine_facts()})
+                   "machine": common.machine_facts()})
+    result["note"] = common.load_note(result["machine"])
     t0 = time.perf_counter()
     if "zoodip" in cfg.contenders:
         for scheme, folder in folders.items():

@@ -44,8 +44,8 @@ def run(base: Path, schemes: list[str], out: str | Path, calib: Path = DEFAULT_I
         timeout_s: float = 4 * 3600.0) -> Path:
     """Run (or reuse) each stage one at a time; write {stage: {peak_rss_gb, wall_seconds, ...}} to `out`."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    result = {"base": str(base), "goal_peak_rss_gb": GOAL_GB, "stages": {}, "machine": common.machine_facts(),
-              "note": common.SHARED_MACHINE_NOTE}
+    result = {"base": str(base), "goal_peak_rss_gb": GOAL_GB, "stages": {}, "machine": common.machine_facts()}
+    result["note"] = common.load_note(result["machine"])
     for name, folder, cmd in stages(base, schemes, calib, replica_kind):
         if _done(folder):
             result["stages"][name] = {"reused": True, "folder": str(folder)}

@@ -120,7 +120,8 @@ def run(cfg: SpeedConfig, out: str | Path, models: tuple[Path, ...] = (), merge:
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     result = json.loads(Path(out).read_text()) if merge and Path(out).is_file() else {"schemes": {}}
     result.update({"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                   "note": common.SHARED_MACHINE_NOTE, "machine": common.machine_facts()})
+                   "machine": common.machine_facts()})
+    result["note"] = common.load_note(result["machine"])
     args = ["--resolutions", *map(str, cfg.resolutions), "--batches", *map(str, cfg.batches),
             "--repeats", str(cfg.repeats)]
     for scheme, folder in folders.items():

@@ -46,6 +46,7 @@ def test_memory_harness_writes_expected_keys(tiny_diffusers, tiny_exported, tmp_
     out = memory.run(cfg, tmp_path / "memory.json")
     res = json.loads(out.read_text())
     assert set(res) >= {"zoodip", "torch_ti", "schemes", "machine", "summary", "note"}
+    assert f"load average {res['machine']['loadavg_1_5_15'][0]:.2f}" in res["note"]   # the run's own load, not a stock phrase
     assert res["machine"]["logical_cores"] >= 1 and res["machine"]["versions"]["onnxruntime"]
     zo, ti = res["zoodip"], res["torch_ti"]
     assert res["schemes"] == {"fp32": zo}
