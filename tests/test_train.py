@@ -335,3 +335,20 @@ def test_vocab_directions_use_the_named_rows(tiny_exported, images, tmp_path):
         T._open(tiny_exported, images, tmp_path / "o6", quick(directions="vocab", prior_words=str(tmp_path / "one.txt")))
     with pytest.raises(ValueError, match="prior-mix"):
         quick(prior_mix=2.0)
+
+
+def test_jacobian_directions_come_from_the_text_encoder(tiny_exported, images, tmp_path):
+    """--directions jacobian: the prior is the text encoder's J^T J at v0 over the first templates."""
+    from zo_runtime import priors, zo
+
+    cfg = quick(directions="jacobian", prior_prompts=2, prior_mix=0.2)
+    run = T._open(tiny_exported, images, tmp_path / "o1", cfg)
+    draws = [run.prompts.draw_template(i) for i in range(2)]
+    want = zo.prior_from_moment(priors.jacobian_moment(run.text, draws, run.v0), 0.2)
+    assert np.allclose(run.prior, want, atol=1e-5)
+    d = run.v0.shape[1]
+    assert np.isclose(np.trace(run.prior.astype(np.float64) @ run.prior), d, rtol=1e-4)   # E|z|^2 = d kept
+    # the prior favours directions the encoder responds to: E|J z|^2 beats an isotropic draw's
+    m = priors.jacobian_moment(run.text, draws[:1], run.v0)
+    assert np.trace(run.prior @ m @ run.prior) > 1.5 * np.trace(m)
+    assert T.train(tiny_exported, images, tmp_path / "o2", cfg).is_file()

@@ -261,3 +261,49 @@ def test_state_roundtrip_and_config_validation():
     for bad in ({"queries": 0}, {"mu": 0}, {"estimator": "x"}, {"tau": 1}, {"nu": 1.5}, {"lr": -1}):
         with pytest.raises(ValueError):
             zo.ZOConfig(**bad)
+
+
+def test_jacobian_moment_matches_a_known_linear_encoder():
+    """A linear 'text encoder' out = tanh-free emb @ W: J^T J is |positions| W W^T for every vector."""
+    from types import SimpleNamespace as NS
+
+    from zo_runtime import priors
+
+    rng = np.random.default_rng(0)
+    d, e, L = 6, 5, 9
+    W = rng.standard_normal((d, e))
+    text = NS(encode_embeds=lambda emb: emb.astype(np.float64) @ W)        # (b, L, d) -> (b, L, e)
+    base = rng.standard_normal((L, d)).astype(np.float32)
+    v0 = rng.standard_normal((2, d)).astype(np.float32)
+    prompts = [(base, [np.array([2]), np.array([4, 5])]), (base, [np.array([7]), np.array([1])])]
+    m = priors.jacobian_moment(text, prompts, v0, batch=4)                   # batch 4 < d: a short last call
+    assert np.allclose(m, (1 + 2 + 1 + 1) * W @ W.T, rtol=1e-3, atol=1e-3)
+    a = zo.prior_from_moment(m, 0.25).astype(np.float64)
+    assert np.allclose(a, a.T, atol=1e-5)
+    assert np.allclose(a @ a, 0.75 * m * d / np.trace(m) + 0.25 * np.eye(d), atol=1e-4)
+
+
+def test_guided_directions_lean_on_the_momentum_and_are_regenerated_exactly():
+    D, s = 16, 0.5
+    cfg = zo.ZOConfig(directions="guided", guide_share=s, subspace=False)
+    guide = np.zeros(D, np.float32)
+    guide[3] = 2.0
+    zs = np.stack([zo.direction(7, t, 0, D, cfg, guide=guide) for t in range(1, 4001)]).astype(np.float64)
+    cov = zs.T @ zs / len(zs)
+    want = (1 - s) * np.eye(D)
+    want[3, 3] += s * D
+    assert np.allclose(cov, want, atol=0.35)                      # 4000 draws: ~0.1 off per entry
+    assert np.isclose(np.trace(cov), D, rtol=0.05)
+    assert np.array_equal(zo.direction(7, 1, 0, D, cfg, guide=np.zeros(D)),      # no momentum yet: gaussian
+                          zo.direction(7, 1, 0, D, zo.ZOConfig()))
+    # update() regenerates the queries from state.m: the applied gradient is sum_i c_i z_i / norm
+    a = np.random.default_rng(1).standard_normal(D)
+    state = zo.ZOState.start(np.zeros(D), cfg)
+    state.m[:] = guide
+    pts = zo.query_points(state.v, 7, 1, cfg, guide=state.m)
+    losses = pts.astype(np.float64) @ a
+    zs = [zo.direction(7, 1, i, D, cfg, guide=guide) for i in range(cfg.queries)]
+    want = sum((l - losses[0]) / cfg.mu * z for l, z in zip(losses[1:], zs)) / (2 * np.sqrt((D + 1) / 2))
+    assert np.allclose(zo.update(state, losses, 7, cfg), want, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="guide_share"):
+        zo.ZOConfig(guide_share=1.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import data, prompts, zo
+from . import data, priors, prompts, zo
 from .embeds import save_learned_embeds, vector_names
 from .io_utils import atomic_write, atomic_write_json, atomic_write_text
 from .model_dir import ModelDir
@@ -49,11 +49,13 @@ class TrainConfig:
     estimator: str = "rge"           # one-sided; spsa (two-sided, 2n passes) scored worse
     subspace: bool = True            # Subspace Gradient on
     subspace_cap: float = 0.17       # share of dims it may remove: reference on SD (D >= 768), sane at D = 128
-    directions: str = "gaussian"     # perturbations: gaussian (reference), orthogonal sweeps or vocab (zo.direction)
+    directions: str = "gaussian"     # gaussian (reference), orthogonal, vocab, jacobian or guided (zo.direction)
     # vocab directions: covariance of these words' rows (a text file of words; None: the whole token table,
     # right for SD whose every row is trained), mixed with this share of the identity (every dim reachable).
     prior_words: str | None = None
     prior_mix: float = 0.1
+    prior_prompts: int = 4           # jacobian: J^T J summed over this many templates ((d+1) TE passes each)
+    guide_share: float = 0.5         # guided: share of each query along the momentum (guided ES's alpha = 0.5)
     betas: tuple[float, float] = (0.9, 0.999)   # ZO-Adam moments (reference ZOAdam); beta1 averages directions
     templates: str = "object"        # diffusers' TI templates; "style" for styles
     captions: str | None = None      # per-image captions file (overrides templates)
@@ -88,6 +90,8 @@ class TrainConfig:
         prompts.templates(self.templates)
         if not 0 <= self.prior_mix <= 1:
             raise ValueError(f"--prior-mix must be in [0, 1], got {self.prior_mix}")
+        if self.prior_prompts < 1:
+            raise ValueError(f"--prior-prompts must be >= 1, got {self.prior_prompts}")
         if self.latent not in ("sample", "mean"):
             raise ValueError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
         if self.unet_batch not in ("batch", "single"):
@@ -98,24 +102,18 @@ class TrainConfig:
         return zo.ZOConfig(queries=self.queries, mu=self.mu, estimator=self.estimator, tau=self.tau,
                            nu=self.nu, subspace=self.subspace, subspace_cap=self.subspace_cap, lr=self.lr,
                            directions=self.directions, betas=self.betas, lr_schedule=self.lr_schedule,
-                           lr_final=self.lr_final, horizon=self.lr_horizon or self.steps, average=self.average)
+                           lr_final=self.lr_final, horizon=self.lr_horizon or self.steps, average=self.average,
+                           guide_share=self.guide_share)
 
 
-def _prior(text: TextEncoder, cfg: TrainConfig) -> np.ndarray | None:
-    """(d, d) square root of the vocab-direction covariance, or None for the other direction kinds."""
-    if cfg.directions != "vocab":
-        return None
-    if cfg.prior_words is None:
-        return zo.prior_sqrt(text.table, cfg.prior_mix)
-    path = Path(cfg.prior_words)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prior-words {path} is missing: give a text file of words, or leave it out "
-                                "to use the whole token table")
-    pieces = [p for w in path.read_text(encoding="utf-8").split() for p in text.tokenizer.tokenize(w)]
-    ids = sorted({text.tokenizer.token_id(p) for p in pieces})
-    if len(ids) < 2:
-        raise ValueError(f"--prior-words {path} names {len(ids)} token(s); a covariance needs at least 2")
-    return zo.prior_sqrt(np.asarray(text.table[ids], np.float32), cfg.prior_mix)
+def _prior(text: TextEncoder, prompts_: "_Prompts", v0: np.ndarray, batch: int, cfg: TrainConfig) -> np.ndarray | None:
+    """(d, d) square root of the direction covariance (vocab or jacobian), or None for the other kinds."""
+    if cfg.directions == "vocab":
+        return priors.vocab_prior(text, cfg.prior_words, cfg.prior_mix)
+    if cfg.directions == "jacobian":    # the first prompt_count templates (common phrasings of the subject)
+        draws = [prompts_.draw_template(i) for i in range(min(cfg.prior_prompts, len(prompts_.templates)))]
+        return priors.jacobian_prior(text, draws, v0, cfg.prior_mix, batch)
+    return None
 
 
 def _place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
@@ -144,9 +142,16 @@ class _Prompts:
     def draw(self, rng: np.random.Generator, image: int) -> tuple[str, np.ndarray, list[np.ndarray]]:
         """(prompt, (77, d) float32 token rows, [(r_j,) positions of vector j]) for the step's image."""
         if self.captions:
-            prompt = self.captions[self.names[image]].format(self.placeholder)
-        else:
-            prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder)
+            return self._rows(self.captions[self.names[image]].format(self.placeholder))
+        return self._rows(self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder))
+
+    def draw_template(self, i: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """((77, d) token rows, positions) of template i (captions: image i's caption)."""
+        if self.captions:
+            return self._rows(self.captions[self.names[i % len(self.names)]].format(self.placeholder))[1:]
+        return self._rows(self.templates[i].format(self.placeholder))[1:]
+
+    def _rows(self, prompt: str) -> tuple[str, np.ndarray, list[np.ndarray]]:
         if prompt not in self.cache:
             ids = self.text.tokenizer([prompt])[0]
             rows = [np.flatnonzero(ids == i) for i in self.ids]
@@ -198,12 +203,15 @@ def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
     latents = data.encode_images(model, images_dir, res, out, cfg.provider, opts)
     text = TextEncoder(model, cfg.provider, opts)
     tokens, v0 = _place_tokens(text, cfg)
-    unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
     passes = cfg.zo.passes
-    unet_rows = _rows(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     text_rows = _rows(text.session, "inputs_embeds", passes, passes, "text encoder")
-    return _Run(model, text, unet, latents, _Prompts(text, tokens, latents.names, cfg), tokens, v0,
-                model.alphas_cumprod(), res, unet_rows, text_rows, _prior(text, cfg))
+    drawer = _Prompts(text, tokens, latents.names, cfg)
+    # Before the UNet loads (a jacobian's J is transient); a dynamic-batch text encoder takes 16 rows a call.
+    prior = _prior(text, drawer, v0, text_rows if _batch_dim(text.session, "inputs_embeds") else 16, cfg)
+    unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
+    unet_rows = _rows(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
+    return _Run(model, text, unet, latents, drawer, tokens, v0,
+                model.alphas_cumprod(), res, unet_rows, text_rows, prior)
 
 
 def _losses(run: _Run, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
@@ -350,7 +358,7 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
             step = state.step + 1
             prompt, base, rows, t, x_t, target = _draw(run, cfg, cfg.seed, step)   # 1-3: shared by all passes
             # 4-5. Losses at v (and v + mu z_i): placeholder rows replaced in every pass.
-            zo.query_points(state.v, cfg.seed, step, zcfg, out=pts, prior=run.prior)
+            zo.query_points(state.v, cfg.seed, step, zcfg, out=pts, prior=run.prior, guide=state.m)
             emb[:] = base
             for j, r in enumerate(rows):
                 emb[:, r] = pts.reshape(P, k, d)[:, j, None]

@@ -13,7 +13,7 @@ import numpy as np
 
 # Stream ids keep the data draws and the perturbation directions independent.
 _DATA, _DIRECTION, _SWEEP = 0, 1, 2
-DIRECTIONS = ("gaussian", "orthogonal", "vocab")
+DIRECTIONS = ("gaussian", "orthogonal", "vocab", "jacobian", "guided")
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,12 @@ class ZOConfig:
     # gaussian: z ~ N(0, I) (the reference). orthogonal: sweeps of a seeded random orthonormal basis
     # scaled to |z|^2 = D, so D/n consecutive steps probe every direction once (lower-variance sums).
     # vocab: z ~ N(0, S), S the token table's covariance (see prior_sqrt), so queries favour the
-    # directions in which words differ.
+    # directions in which words differ. jacobian: S = the text encoder's J^T J at v0 (priors.py).
+    # guided: see guide_share.
     directions: str = "gaussian"
+    # guided: z = sqrt(1 - s) eps + sqrt(s D) eta u, u = the unit Adam momentum (guided ES, Maheswaranathan
+    # et al. 2019): a share s of each query's energy probes the direction the run is already moving in.
+    guide_share: float = 0.5
 
     def __post_init__(self):
         if self.queries < 1:
@@ -73,6 +77,8 @@ class ZOConfig:
             raise ValueError(f"a {self.lr_schedule} lr schedule needs horizon >= 1 (the run's steps)")
         if self.directions not in DIRECTIONS:
             raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}, got {self.directions!r}")
+        if not 0 <= self.guide_share < 1:
+            raise ValueError(f"guide_share must be in [0, 1) (a share of each query's energy), got {self.guide_share}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
 
@@ -88,20 +94,30 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
 
 
 def direction(seed: int, step: int, i: int, size: int, cfg: ZOConfig | None = None,
-              prior: np.ndarray | None = None) -> np.ndarray:
+              prior: np.ndarray | None = None, guide: np.ndarray | None = None) -> np.ndarray:
     """(D,) direction z_i of query i of a step, regenerated from its seed whenever needed.
 
     gaussian: z ~ N(0, I_D). orthogonal: row k mod D of sweep k // D's orthonormal basis times sqrt(D),
-    k = (step - 1) * n + i counting queries from the start of the run. vocab: the gaussian draw mapped
-    by the (d, d) symmetric square root `prior` of the covariance, vector by vector (D = k d).
+    k = (step - 1) * n + i counting queries from the start of the run. vocab/jacobian: the gaussian draw
+    mapped by the (d, d) symmetric square root `prior` of the covariance, vector by vector (D = k d).
+    guided: sqrt(1 - s) eps + sqrt(s D) eta guide/|guide|, `guide` the (D,) Adam momentum before the
+    step's update, so E[z z^T] = (1 - s) I + s D u u^T (trace D, like the others).
     """
-    if cfg is None or cfg.directions in ("gaussian", "vocab"):
+    if cfg is None or cfg.directions in ("gaussian", "vocab", "jacobian"):
         z = np.random.default_rng([seed, step, _DIRECTION, i]).standard_normal(size, dtype=np.float32)
         if cfg is None or cfg.directions == "gaussian":
             return z
         if prior is None:
-            raise ValueError("directions='vocab' needs the prior matrix (zo.prior_sqrt of the token table)")
+            raise ValueError(f"directions={cfg.directions!r} needs the prior matrix (see zo_runtime.priors)")
         return (z.reshape(-1, prior.shape[0]) @ prior).ravel()      # prior is symmetric: z A^T = z A
+    if cfg.directions == "guided":
+        rng = np.random.default_rng([seed, step, _DIRECTION, i])
+        eps, eta = rng.standard_normal(size, dtype=np.float32), rng.standard_normal()
+        norm = float(np.linalg.norm(guide)) if guide is not None else 0.0
+        if norm == 0:                                   # step 1: no momentum yet
+            return eps
+        s = cfg.guide_share
+        return np.sqrt(1 - s, dtype=np.float32) * eps + np.float32(np.sqrt(s * size) * eta / norm) * guide
     k = (step - 1) * cfg.queries + i
     return _sweep_basis(seed, k // size, size)[k % size] * np.float32(np.sqrt(size))
 
@@ -131,8 +147,16 @@ def prior_sqrt(rows: np.ndarray, mix: float) -> np.ndarray:
     for i in chunks:
         c = np.asarray(rows[i:i + 4096], np.float64) - mean
         cov += c.T @ c / max(len(rows) - 1, 1)
-    cov *= d / np.trace(cov) if np.trace(cov) > 0 else 0.0
-    w, v = np.linalg.eigh((1 - mix) * cov + mix * np.eye(d))
+    return prior_from_moment(cov, mix)
+
+
+def prior_from_moment(moment: np.ndarray, mix: float) -> np.ndarray:
+    """(d, d) symmetric A with A A = (1 - mix) M + mix I, M the (d, d) PSD `moment` scaled to trace d."""
+    if not 0 <= mix <= 1:
+        raise ValueError(f"prior mix must be in [0, 1], got {mix}")
+    d = moment.shape[0]
+    moment = moment * (d / np.trace(moment) if np.trace(moment) > 0 else 0.0)
+    w, v = np.linalg.eigh((1 - mix) * moment + mix * np.eye(d))
     return ((v * np.sqrt(np.clip(w, 0, None))) @ v.T).astype(np.float32)
 
 
@@ -142,24 +166,24 @@ def sample_timestep(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 def query_points(v: np.ndarray, seed: int, step: int, cfg: ZOConfig, out: np.ndarray | None = None,
-                 prior: np.ndarray | None = None) -> np.ndarray:
+                 prior: np.ndarray | None = None, guide: np.ndarray | None = None) -> np.ndarray:
     """(P, D) points to evaluate: rge [v, v+mu z_1..n]; spsa [v+mu z_1, v-mu z_1, ...]."""
     out = np.empty((cfg.passes, v.size), np.float32) if out is None else out
     if cfg.estimator == "rge":
         out[0] = v
         for i in range(cfg.queries):
-            np.multiply(direction(seed, step, i, v.size, cfg, prior), cfg.mu, out=out[i + 1])
+            np.multiply(direction(seed, step, i, v.size, cfg, prior, guide), cfg.mu, out=out[i + 1])
             out[i + 1] += v
     else:
         for i in range(cfg.queries):
-            z = direction(seed, step, i, v.size, cfg, prior) * np.float32(cfg.mu)
+            z = direction(seed, step, i, v.size, cfg, prior, guide) * np.float32(cfg.mu)
             out[2 * i] = v + z
             out[2 * i + 1] = v - z
     return out
 
 
 def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig, projected: int = 0,
-             prior: np.ndarray | None = None) -> np.ndarray:
+             prior: np.ndarray | None = None, guide: np.ndarray | None = None) -> np.ndarray:
     """g = sum_i g_i z_i / (n sqrt((D' + n - 1) / n)), D' = D - projected dims (reference ZOAdam)."""
     losses = np.asarray(losses, dtype=np.float64)
     n = cfg.queries
@@ -169,7 +193,7 @@ def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig,
         coeffs = (losses[0::2] - losses[1::2]) / (2 * cfg.mu)
     g = np.zeros(size, np.float64)
     for i, c in enumerate(coeffs):
-        g += c * direction(seed, step, i, size, cfg, prior)
+        g += c * direction(seed, step, i, size, cfg, prior, guide)
     return (g / (n * np.sqrt((size - projected + n - 1) / n))).astype(np.float32)
 
 
@@ -259,7 +283,8 @@ def update(state: ZOState, losses: np.ndarray, seed: int, cfg: ZOConfig, prior: 
     Returns the gradient actually applied (after projection). `prior`: see direction (vocab only).
     """
     step = state.step + 1
-    g = estimate(losses, seed, step, state.v.size, cfg, projected=state.basis.shape[0], prior=prior)
+    g = estimate(losses, seed, step, state.v.size, cfg, projected=state.basis.shape[0], prior=prior,
+                 guide=state.m if cfg.directions == "guided" else None)
     if cfg.subspace:
         g = project(g, state.basis)
     adam_update(state, g, cfg)

@@ -11,7 +11,7 @@ from ._common import friendly_errors, provider_option, provider_options_option
 DEFAULTS = dict(queries=2, mu=1e-3, tau=128, nu=1e-3, t_range=(500, 900), lr=5e-3, steps=30000, num_vectors=1,
                 estimator="rge", templates="object", seed=0, unet_batch="single", save_every=500, sample_every=0,
                 latent="sample", directions="gaussian", betas=(0.9, 0.999), subspace_cap=0.17, prior_mix=0.1,
-                lr_schedule="constant", lr_final=0.1, average=0.0)
+                lr_schedule="constant", lr_final=0.1, average=0.0, prior_prompts=4, guide_share=0.5)
 
 
 def train_options(fn):
@@ -43,13 +43,19 @@ def train_options(fn):
         click.option("--no-subspace", is_flag=True, help="Turn Subspace Gradient off."),
         click.option("--subspace-cap", type=float, default=d["subspace_cap"], show_default=True,
                      help="Largest share of the embedding dims Subspace Gradient may remove (1 = uncapped)."),
-        click.option("--directions", type=click.Choice(["gaussian", "orthogonal", "vocab"]), default=d["directions"],
-                     show_default=True, help="Perturbations: N(0, I), sweeps of a random orthonormal basis, or "
-                     "N(0, S) with S the covariance of the token table's rows."),
+        click.option("--directions", type=click.Choice(["gaussian", "orthogonal", "vocab", "jacobian", "guided"]),
+                     default=d["directions"], show_default=True,
+                     help="Perturbations: N(0, I); sweeps of a random orthonormal basis; N(0, S) with S the token "
+                     "rows' covariance (vocab) or the text encoder's J^T J at the start (jacobian); or part of each "
+                     "query along the optimizer's momentum (guided)."),
         click.option("--prior-words", type=click.Path(path_type=Path), default=None,
                      help="vocab directions: a text file of words whose rows give S [default: the whole table]."),
         click.option("--prior-mix", type=float, default=d["prior_mix"], show_default=True,
-                     help="vocab directions: share of the identity mixed into S (keeps every direction reachable)."),
+                     help="vocab/jacobian directions: share of the identity mixed into S (keeps every direction reachable)."),
+        click.option("--prior-prompts", type=int, default=d["prior_prompts"], show_default=True,
+                     help="jacobian directions: templates whose J^T J is summed (d+1 text-encoder passes each)."),
+        click.option("--guide-share", type=float, default=d["guide_share"], show_default=True,
+                     help="guided directions: share of each query's energy along the momentum."),
         click.option("--beta1", type=float, default=d["betas"][0], show_default=True,
                      help="ZO-Adam first-moment decay: higher averages more directions per update."),
         click.option("--templates", type=click.Choice(["object", "style"]), default=d["templates"], show_default=True,
@@ -82,7 +88,7 @@ def _config(kw: dict):
         directions=kw["directions"], betas=(kw["beta1"], DEFAULTS["betas"][1]), subspace_cap=kw["subspace_cap"],
         lr_schedule=kw["lr_schedule"], lr_final=kw["lr_final"], average=kw["average"],
         prior_words=str(kw["prior_words"]) if kw["prior_words"] else None, prior_mix=kw["prior_mix"],
-        captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
+        prior_prompts=kw["prior_prompts"], guide_share=kw["guide_share"], captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
         latent=kw["latent"], unet_batch=kw["unet_batch"], provider=kw["provider"],
         provider_options=tuple(parse_options(kw["provider_options"]).items()), save_every=kw["save_every"],
         sample_every=kw["sample_every"], resume=kw["resume"])
