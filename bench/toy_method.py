@@ -22,23 +22,37 @@ from zo_runtime.images import load_rgb
 from . import common
 from .toy_eval import ToyEvalConfig, ToyEvaluator
 
-# zoodip runs: the trainer's own settings plus these overrides (ablations change one thing each).
+# zoodip runs: (scheme, the trainer's settings overridden, label); ablations change one thing each.
 ZO_METHODS = {
-    "zoodip": ("w8", {}),
-    "zoodip_fp32": ("fp32", {}),
-    "no_subspace": ("w8", {"subspace": False}),
-    "uniform_t": ("w8", {"t_range": (0, 1000)}),
-    "subspace_uncapped": ("w8", {"subspace_cap": 1.0}),   # the paper's rule as is (see zo.ZOConfig.subspace_cap)
+    "zoodip": ("w8", {}, "zoodip (w8, ZO)"),
+    "zoodip_fp32": ("fp32", {}, "zoodip fp32 (ZO)"),
+    "no_subspace": ("w8", {"subspace": False}, "zoodip, no subspace"),
+    "uniform_t": ("w8", {"t_range": (0, 1000)}, "zoodip, uniform t"),
+    # the paper's rule as is (see zo.ZOConfig.subspace_cap)
+    "subspace_uncapped": ("w8", {"subspace_cap": 1.0}, "zoodip, subspace uncapped"),
     # directions from the trained rows' covariance, half of it isotropic (0.1 stalled 1 of 4 concepts)
-    "zoodip_vocab": ("w8", {"directions": "vocab", "prior_mix": 0.5}),
-    "zoodip_cosine": ("w8", {"lr_schedule": "cosine"}),   # lr decays to 0.1x over the run
-    "zoodip_avg": ("w8", {"average": 0.998}),             # the EMA of the iterates (~ last 500 steps)
-    "zoodip_q4": ("w8", {"queries": 4, "unet_batch": "batch"}),   # 4 queries, 5 passes in one UNet call
-    "zoodip_q8": ("w8", {"queries": 8, "unet_batch": "batch"}),   # 8 queries, 9 passes in one UNet call
-    "zoodip_q1": ("w8", {"queries": 1}),                  # 1 query: 2 passes a step, more data draws per pass
-    "zoodip_lr5e2": ("w8", {"lr": 0.05}),                 # 2.5x the benchmark's lr
+    "zoodip_vocab": ("w8", {"directions": "vocab", "prior_mix": 0.5}, "zoodip, vocab directions"),
+    # directions from the text encoder's J^T J at v0 (priors.jacobian_prior), 10% isotropic
+    "zoodip_jac": ("w8", {"directions": "jacobian", "prior_mix": 0.1}, "zoodip, jacobian directions"),
+    # half of each query's energy along the Adam momentum (guided ES)
+    "zoodip_guided": ("w8", {"directions": "guided"}, "zoodip, momentum-guided directions"),
+    "zoodip_cosine": ("w8", {"lr_schedule": "cosine"}, "zoodip, cosine lr"),     # lr decays to 0.1x
+    "zoodip_avg": ("w8", {"average": 0.998}, "zoodip, averaged iterates"),       # EMA of ~ the last 500 iterates
+    "zoodip_q4": ("w8", {"queries": 4, "unet_batch": "batch"}, "zoodip, 4 queries batched"),   # 5 passes, 1 call
+    "zoodip_q8": ("w8", {"queries": 8, "unet_batch": "batch"}, "zoodip, 8 queries batched"),   # 9 passes, 1 call
+    "zoodip_q1": ("w8", {"queries": 1}, "zoodip, 1 query"),     # 2 passes a step, more data draws per pass
+    "zoodip_lr5e2": ("w8", {"lr": 0.05}, "zoodip, lr 5e-2"),    # 2.5x the benchmark's lr
 }
-METHODS = (*ZO_METHODS, "backprop_ti", "init_only", "oracle_prompt")
+OTHER_LABELS = {"backprop_ti": "backprop TI (torch)", "init_only": "init word only",
+                "oracle_prompt": "concept in words"}
+METHODS = (*ZO_METHODS, *OTHER_LABELS)
+
+
+def label(method: str) -> str:
+    """The name tables and figures show."""
+    return ZO_METHODS[method][2] if method in ZO_METHODS else OTHER_LABELS.get(method, method)
+
+
 TOKEN = "sks"
 
 
@@ -47,7 +61,7 @@ def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[li
     from zo_runtime.train import TrainConfig, train
     from zo_runtime.embeds import load_learned_embeds
 
-    scheme, overrides = ZO_METHODS[method]
+    scheme, overrides, _ = ZO_METHODS[method]
     zo_cfg = {**spec["zo"], **overrides}
     if zo_cfg.get("directions") == "vocab":          # the toy's trained rows (world.vocabulary), not all 49,408
         zo_cfg.setdefault("prior_words", spec["vocabulary"])

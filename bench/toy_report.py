@@ -18,16 +18,9 @@ from PIL import Image, ImageDraw
 from zo_runtime.images import load_rgb
 from zo_runtime.io_utils import atomic_write, atomic_write_text
 
-from .toy_method import METHODS
+from .toy_method import METHODS, label
 
 GOAL_PASSES = 9000     # the budget: 1/10 of the reference 30,000 steps x 3 passes
-LABELS = {"zoodip": "zoodip (w8, ZO)", "zoodip_vocab": "zoodip, vocab directions", "zoodip_cosine": "zoodip, cosine lr",
-          "zoodip_avg": "zoodip, averaged iterates", "zoodip_q4": "zoodip, 4 queries batched",
-          "zoodip_q8": "zoodip, 8 queries batched", "zoodip_q1": "zoodip, 1 query",
-          "zoodip_lr5e2": "zoodip, lr 5e-2",
-          "zoodip_fp32": "zoodip fp32 (ZO)", "no_subspace": "zoodip, no subspace", "uniform_t": "zoodip, uniform t",
-          "subspace_uncapped": "zoodip, subspace uncapped", "backprop_ti": "backprop TI (torch)",
-          "init_only": "init word only", "oracle_prompt": "concept in words"}
 
 
 def ordered(res: dict) -> list[str]:
@@ -48,7 +41,7 @@ def table(res: dict) -> str:
         s = res["methods"][m]
         hit = s.get("passes_to_90pct_ti")
         passes = s["forward_passes"] if m != "backprop_ti" else f"{s['forward_passes']} + {s['forward_passes']} bwd"
-        lines.append(f"| {LABELS.get(m, m)} | {s['concept_fidelity']:.3f} | {s['shape_accuracy']:.2f} / "
+        lines.append(f"| {label(m)} | {s['concept_fidelity']:.3f} | {s['shape_accuracy']:.2f} / "
                      f"{s['color_accuracy']:.2f} / {s['pattern_accuracy']:.2f} | {s['prompt_fidelity']:.3f} | "
                      f"{s['feature_similarity']:.3f} | {passes} | {'-' if hit is None else hit} | "
                      f"{s['train_seconds']:.0f} | {s['peak_rss_gb']:.2f} |")
@@ -71,7 +64,7 @@ def samples_figure(res: dict) -> Image.Image:
     block = SHOW * THUMB + gap
     fig = Image.new("RGB", (label_w + len(concepts) * block, head_h + (1 + len(methods)) * (THUMB + 4)), "white")
     draw = ImageDraw.Draw(fig)
-    rows = [("training images", None)] + [(LABELS.get(m, m), m) for m in methods]
+    rows = [("training images", None)] + [(label(m), m) for m in methods]
     for r, (label, _) in enumerate(rows):
         draw.text((4, head_h + r * (THUMB + 4) + THUMB // 2 - 6), label, fill="black")
     for c, (spec, per_method) in enumerate(zip(concepts, res["per_concept"])):
@@ -99,10 +92,10 @@ def curve_figure(res: dict, path: Path) -> Path | None:
         xs = [p.get("forward_passes", 0) for p in s["curve"]]
         ys = [p["concept_fidelity"] for p in s["curve"]]
         if len(xs) == 1:
-            ax.axhline(ys[0], ls=":", lw=1, color="gray" if m == "init_only" else "green", label=LABELS.get(m, m))
+            ax.axhline(ys[0], ls=":", lw=1, color="gray" if m == "init_only" else "green", label=label(m))
         else:   # past matplotlib's 10 colors, the line style tells methods apart
             ax.plot(xs, ys, marker="o", ls=("-", "--", "-.")[i // 10 % 3],
-                    label=LABELS.get(m, m) + (" (fwd only)" if m == "backprop_ti" else ""))
+                    label=label(m) + (" (fwd only)" if m == "backprop_ti" else ""))
     if "backprop_ti" in res["methods"]:
         ax.axhline(0.9 * res["methods"]["backprop_ti"]["concept_fidelity"], ls="--", lw=0.8, color="black",
                    label="90% of backprop TI (final)")
