@@ -44,6 +44,29 @@ def test_summary_passes_to_90pct_of_ti():
     assert s["backprop_ti"]["passes_to_90pct_ti"] == 20
 
 
+def test_pool_ratio_interval_and_passes(tmp_path):
+    """Paired units: a method at exactly half of TI on every concept has ratio 0.5 and a zero-width interval."""
+    from bench import toy_pool
+
+    def res(seed, pairs):
+        row = lambda f: {"curve": [{"forward_passes": 10, "concept_fidelity": f / 2},
+                                   {"forward_passes": 20, "concept_fidelity": f}], "final": {"concept_fidelity": f}}
+        return {"config": {"seed": seed, "steps": 20}, "concepts": [{"concept": ["c", str(i), "p"]} for i in range(len(pairs))],
+                "per_concept": [{"backprop_ti": row(t), "zoodip": row(z)} for t, z in pairs]}
+
+    half = toy_pool.pool([res(1, [(0.4, 0.2), (0.8, 0.4)]), res(2, [(0.6, 0.3)])])
+    z = half["methods"]["zoodip"]
+    assert z["paired_units"] == 3 and z["ratio_to_ti"] == 0.5 and z["ratio_ci95"] == [0.5, 0.5]
+    assert z["losses"] == 3 and z["passes_to_90pct_ti"] is None      # 0.9 * 0.6 never reached
+    mixed = toy_pool.pool([res(1, [(0.4, 0.6), (0.8, 0.7)]), res(2, [(0.2, 0.1), (0.6, 0.9)])])["methods"]["zoodip"]
+    assert mixed["ratio_to_ti"] == 1.15 and mixed["wins"] == 2
+    lo, hi = mixed["ratio_ci95"]
+    assert lo < 1.15 < hi and hi - lo > 0.2                          # 4 units: a wide interval, said as such
+    assert mixed["passes_to_90pct_ti"] == 20                         # curve 0.29, 0.575 vs target 0.45
+    assert "| zoodip (w8, ZO) | 4 |" in toy_pool.table(toy_pool.pool([res(1, [(0.4, 0.6), (0.8, 0.7)]),
+                                                                      res(2, [(0.2, 0.1), (0.6, 0.9)])]))
+
+
 @pytest.mark.slow
 def test_one_concept_smoke(tmp_path):
     out = tmp_path / "toy.json"

@@ -1,0 +1,116 @@
+"""Pool several bench.toy_quality results (seeds, concept draws) into one verdict with a confidence interval.
+
+    python -m bench.toy_pool bench/results/toy_quality_3000.json bench/results/toy_quality_3000_seed2.json \
+        --out bench/results/toy_quality_pooled.json
+
+One 4-concept mean moves by ~0.1 from draw to draw, so a single draw cannot say whether a method is at
+90% of backprop TI. Every (draw, concept) pair is one unit; for each method that ran on every unit of
+a draw, the pooled mean of its final concept fidelity, and its ratio to backprop TI's with a paired
+bootstrap 95% interval (units resampled with replacement; a unit keeps both methods' scores, so the
+concept's difficulty cancels). Writes FILE.json and FILE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from zo_runtime.io_utils import atomic_write_text
+
+from . import common
+from .toy_method import METHODS, ZO_METHODS, label
+
+REFERENCE = "backprop_ti"
+RESAMPLES = 10_000     # bootstrap draws: the interval's ends move by < 0.01 between seeds at this count
+
+
+def units(results: list[dict]) -> list[dict]:
+    """[{'draw': seed, 'concept': name, method: final concept fidelity, ...}] over every file's concepts."""
+    out = []
+    for res in results:
+        for spec, row in zip(res["concepts"], res["per_concept"]):
+            out.append({"draw": res["config"]["seed"], "concept": " ".join(spec["concept"]),
+                        **{m: r["final"]["concept_fidelity"] for m, r in row.items()},
+                        "curves": {m: [[p["forward_passes"], p["concept_fidelity"]] for p in r["curve"]]
+                                   for m, r in row.items()}})
+    return out
+
+
+def pooled_curve(rows: list[dict], method: str) -> list[list[float]] | None:
+    """[[passes, mean fidelity]] over the units, or None when their eval points differ."""
+    curves = [r["curves"][method] for r in rows if method in r]
+    if any([p for p, _ in c] != [p for p, _ in curves[0]] for c in curves):
+        return None
+    return [[p, round(float(np.mean([c[i][1] for c in curves])), 4)] for i, (p, _) in enumerate(curves[0])]
+
+
+def ratio_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """(mean(ours) / mean(ref), 2.5%, 97.5%) with paired bootstrap resampling of the units."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ours), (RESAMPLES, len(ours)))
+    num, den = ours[idx].mean(axis=1), ref[idx].mean(axis=1)
+    boot = num[den > 0] / den[den > 0]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(ours.mean() / ref.mean()), float(lo), float(hi)
+
+
+def pool(results: list[dict]) -> dict:
+    """Per method: units, pooled mean, and (when the reference ran on the same units) ratio and interval."""
+    rows = units(results)
+    methods = [m for m in METHODS if any(m in r for r in rows)]
+    out = {}
+    for m in methods:
+        both = [r for r in rows if m in r and REFERENCE in r]
+        mine = np.array([r[m] for r in rows if m in r])
+        s = {"units": int(mine.size), "concept_fidelity": round(float(mine.mean()), 4)}
+        if both and m != REFERENCE:
+            ours, ref = (np.array([r[k] for r in both]) for k in (m, REFERENCE))
+            ratio, lo, hi = ratio_interval(ours, ref)
+            s.update(paired_units=len(both), reference_fidelity=round(float(ref.mean()), 4),
+                     ratio_to_ti=round(ratio, 3), ratio_ci95=[round(lo, 3), round(hi, 3)],
+                     wins=int(np.sum(ours > ref)), ties=int(np.sum(ours == ref)), losses=int(np.sum(ours < ref)))
+        s["curve"] = pooled_curve(rows, m)
+        out[m] = s
+    for m, s in out.items():            # passes to 90% of TI's final on the same runs, on the pooled curve
+        if "reference_fidelity" in s and m in ZO_METHODS:
+            target = 0.9 * s["reference_fidelity"]
+            s["passes_to_90pct_ti"] = next((p for p, f in s["curve"] or [] if f >= target), None)
+    return {"draws": [r["config"]["seed"] for r in results], "steps": sorted({r["config"]["steps"] for r in results}),
+            "units": rows, "methods": out}
+
+
+def table(pooled: dict) -> str:
+    lines = [f"Pooled over draws {pooled['draws']} ({len(pooled['units'])} concept runs), "
+             f"{'/'.join(map(str, pooled['steps']))} steps; ratio = mean fidelity / backprop TI's on the same runs, "
+             "95% paired bootstrap interval.", "",
+             "| method | runs | concept fidelity | TI on the same runs | ratio to TI | 95% interval "
+             "| wins / ties / losses | passes to 90% of TI |", "|---|---|---|---|---|---|---|---|"]
+    for m, s in pooled["methods"].items():
+        if "ratio_to_ti" in s:
+            lo, hi = s["ratio_ci95"]
+            lines.append(f"| {label(m)} | {s['paired_units']} | {s['concept_fidelity']:.3f} | "
+                         f"{s['reference_fidelity']:.3f} | {s['ratio_to_ti']:.2f} | {lo:.2f}-{hi:.2f} | "
+                         f"{s['wins']} / {s['ties']} / {s['losses']} | {s.get('passes_to_90pct_ti') or '-'} |")
+        else:
+            lines.append(f"| {label(m)} | {s['units']} | {s['concept_fidelity']:.3f} | - | - | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", type=Path, help="bench.toy_quality result JSON files")
+    p.add_argument("--out", type=Path, required=True, help="pooled JSON (a .md table is written beside it)")
+    a = p.parse_args(argv)
+    missing = [str(f) for f in a.results if not f.is_file()]
+    if missing:
+        raise SystemExit(f"missing result file(s): {', '.join(missing)}; run bench.toy_quality first")
+    pooled = pool([json.loads(f.read_text()) for f in a.results])
+    common.write_json(a.out, pooled)
+    atomic_write_text(a.out.with_suffix(".md"), table(pooled))
+    print(table(pooled))
+
+
+if __name__ == "__main__":
+    main()
