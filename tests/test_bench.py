@@ -87,3 +87,22 @@ def test_text_encoder_bits_scores_against_fp32(tiny_exported, tmp_path):
     assert res["fp32"]["hidden_cosine"] == pytest.approx(1.0) and res["fp32"]["finite_difference_cosine"] == pytest.approx(1.0)
     assert 0.5 < res["w4"]["hidden_cosine"] < 1.0 and 0.0 < res["w4"]["finite_difference_cosine"] < 1.0
     assert res["w4"]["weight_mb"] < res["fp32"]["weight_mb"] and res["w4"]["batch3_median_s"] > 0
+
+
+def test_toy_grad_spectrum_reports_shares_that_add_up(tmp_path):
+    """Exact toy gradients: shares are monotone in k, isotropic is k/d, and the energy sits in few dims."""
+    from bench import toy_grad_spectrum as G
+    from models.toyworld import world
+
+    concept = ("circle", "orange", "solid")
+    (tmp_path / "images").mkdir()
+    for i, img in enumerate(world.make_concept_images(concept, 3, 0)):
+        img.save(tmp_path / "images" / f"{i}.png")
+    r = G.analyse(tmp_path, "circle", draws=12, vector=None)
+    assert r["d"] == 128 and r["isotropic_share"]["16"] == 0.125
+    for key in ("held_out_share", "vocab_prior_share", "jacobian_prior_share"):
+        shares = [r[key][str(k)] for k in G.KS]
+        assert all(0 <= s <= 1.0001 for s in shares) and shares == sorted(shares)
+    # 12 draws span at most 12 dims, so 12 eigen-directions hold everything
+    assert r["dims_for_energy"]["0.95"] <= 12 and 1 <= r["effective_dim"] <= 12
+    assert r["jacobian_prior_share"]["16"] > r["isotropic_share"]["16"]
