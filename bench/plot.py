@@ -106,8 +106,10 @@ def goals(mems: list[dict], speed: dict | None) -> list[str]:
                        f"{mem['default_scheme']} {zo['peak_rss_gb']:.2f} GiB = "
                        f"{summ['default_rss_ratio']:.1f}x (goal >= {GOAL_RSS_RATIO:.0f}x): {ok}.")
         ratio = _step_over_unet(zo) if zo else None
-        if ratio:
-            ok = "met" if ratio <= 1 + GOAL_STEP_SLACK else "NOT met"
+        if ratio:     # the issue sets the step goal at 512 px; other sizes are checked against the same bound
+            within = ratio <= 1 + GOAL_STEP_SLACK
+            ok = ("met" if within else "NOT met") if px == 512 else \
+                f"{'within' if within else 'over'} the bound (a check: the goal is set at 512 px)"
             out.append(f"- zoodip step ({mem.get('default_scheme')}, {px} px) = {ratio:.3f} x the UNet time of its "
                        f"{zo['forward_passes_per_step']} passes, same process (goal <= {1 + GOAL_STEP_SLACK:.2f}, "
                        f"text encoder included in the step): {ok}.")
