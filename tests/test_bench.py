@@ -106,3 +106,16 @@ def test_toy_grad_spectrum_reports_shares_that_add_up(tmp_path):
     # 12 draws span at most 12 dims, so 12 eigen-directions hold everything
     assert r["dims_for_energy"]["0.95"] <= 12 and 1 <= r["effective_dim"] <= 12
     assert r["jacobian_prior_share"]["16"] > r["isotropic_share"]["16"]
+
+
+def test_goal_lines_judge_the_step_goal_at_512_px_only():
+    from bench import plot
+
+    def mem(px, ratio):
+        return {"resolution": px, "default_scheme": "w8",
+                "zoodip": {"step_over_unet_seconds": ratio, "forward_passes_per_step": 3}}
+
+    lines = plot.goals([mem(512, 1.03), mem(256, 1.08)], None)
+    assert "512 px) = 1.030" in lines[0] and lines[0].endswith(": met.")
+    assert "256 px) = 1.080" in lines[1] and "over the bound" in lines[1] and "NOT met" not in lines[1]
+    assert plot.goals([mem(512, 1.08)], None)[0].endswith("NOT met.")
