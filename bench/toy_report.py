@@ -59,14 +59,14 @@ def samples_figure(res: dict) -> Image.Image:
     """Columns: concepts (SHOW images each); rows: the training images, then each method's samples
     for 'a photo of a sks' (the concept in words / the init word for the two untrained rows)."""
     methods = ordered(res)
-    label_w, head_h, gap = 130, 16, 10
+    label_w, head_h, gap = 210, 16, 10      # label_w: the longest label (~34 chars at ~6 px)
     concepts = res["concepts"][:MAX_CONCEPTS]
     block = SHOW * THUMB + gap
     fig = Image.new("RGB", (label_w + len(concepts) * block, head_h + (1 + len(methods)) * (THUMB + 4)), "white")
     draw = ImageDraw.Draw(fig)
     rows = [("training images", None)] + [(label(m), m) for m in methods]
-    for r, (label, _) in enumerate(rows):
-        draw.text((4, head_h + r * (THUMB + 4) + THUMB // 2 - 6), label, fill="black")
+    for r, (name, _) in enumerate(rows):
+        draw.text((4, head_h + r * (THUMB + 4) + THUMB // 2 - 6), name, fill="black")
     for c, (spec, per_method) in enumerate(zip(concepts, res["per_concept"])):
         x = label_w + c * block
         draw.text((x + 2, 2), "{1} {2} {0}".format(*spec["concept"]), fill="black")
