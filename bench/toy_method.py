@@ -56,18 +56,25 @@ def label(method: str) -> str:
 TOKEN = "sks"
 
 
-def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
-    """Train in stages up to each eval step (resume is exact) and score after each stage."""
-    from zo_runtime.train import TrainConfig, train
-    from zo_runtime.embeds import load_learned_embeds
+def zo_config(spec: dict, method: str):
+    """The TrainConfig of a zoodip method on a concept: the benchmark's settings plus the method's overrides."""
+    from zo_runtime.train import TrainConfig
 
-    scheme, overrides, _ = ZO_METHODS[method]
-    zo_cfg = {**spec["zo"], **overrides}
+    zo_cfg = {**spec["zo"], **ZO_METHODS[method][1]}
     if zo_cfg.get("directions") == "vocab":          # the toy's trained rows (world.vocabulary), not all 49,408
         zo_cfg.setdefault("prior_words", spec["vocabulary"])
     if zo_cfg.get("lr_schedule", "constant") != "constant":    # one schedule across the staged resumes
         zo_cfg.setdefault("lr_horizon", max(spec["eval_at"]))
-    base = TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"], **zo_cfg)
+    return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"], **zo_cfg)
+
+
+def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
+    """Train in stages up to each eval step (resume is exact) and score after each stage."""
+    from zo_runtime.train import train
+    from zo_runtime.embeds import load_learned_embeds
+
+    scheme, overrides, _ = ZO_METHODS[method]
+    base = zo_config(spec, method)
     curve, train_s = [], 0.0
     for i, step in enumerate(spec["eval_at"]):
         t0 = time.perf_counter()

@@ -98,3 +98,18 @@ def test_one_concept_smoke(tmp_path):
     assert again["zoodip"]["curve"] == m["zoodip"]["curve"]
     assert again["zoodip"]["train_seconds"] == m["zoodip"]["train_seconds"]
     assert before <= out.with_name("toy_samples.png").stat().st_mtime
+    # Extending past the budget resumes the checkpoint: the same vector a fresh 12-step run makes.
+    from bench import toy_extend
+    from zo_runtime.embeds import load_learned_embeds
+    from zo_runtime.train import train
+
+    ext = tmp_path / "ext.json"
+    toy_extend.main([str(out), "--to", "12", "--out", str(ext)])
+    z = json.loads(ext.read_text())["methods"]["zoodip"]
+    assert [p for p, _ in z["curve"]] == [3, 6, 12, 24, 36]          # the 4 budget points + 12 steps x 3 passes
+    spec = res["concepts"][0]
+    from bench.toy_method import zo_config
+    from dataclasses import replace
+    fresh = train(spec["models"]["w8"], spec["images"], tmp_path / "fresh", replace(zo_config(spec, "zoodip"), steps=12))
+    extended = Path(spec["work"]) / "zoodip_ext" / "learned_embeds.safetensors"
+    assert np.array_equal(load_learned_embeds(fresh)[1], load_learned_embeds(extended)[1])
