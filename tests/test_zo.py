@@ -307,3 +307,16 @@ def test_guided_directions_lean_on_the_momentum_and_are_regenerated_exactly():
     assert np.allclose(zo.update(state, losses, 7, cfg), want, rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="guide_share"):
         zo.ZOConfig(guide_share=1.0)
+
+
+def test_global_normalization_keeps_the_step_direction():
+    """normalize='global': one second moment, so the first step is -lr g / (rms(g) + eps), parallel to g."""
+    g = np.array([3.0, -1.0, 0.5, 0.0], np.float32)
+    for norm, want in (("global", -0.1 * g / (np.sqrt(np.mean(g * g)) + 1e-3)),
+                       ("coordinate", -0.1 * g / (np.abs(g) + 1e-3))):
+        cfg = zo.ZOConfig(lr=0.1, normalize=norm)
+        state = zo.ZOState.start(np.zeros(4), cfg)
+        zo.adam_update(state, g, cfg)
+        assert np.allclose(state.v, want, rtol=1e-4)
+    with pytest.raises(ValueError, match="normalize"):
+        zo.ZOConfig(normalize="layer")

@@ -57,6 +57,7 @@ class TrainConfig:
     prior_prompts: int = 4           # jacobian: J^T J summed over this many templates ((d+1) TE passes each)
     guide_share: float = 0.5         # guided: share of each query along the momentum (guided ES's alpha = 0.5)
     betas: tuple[float, float] = (0.9, 0.999)   # ZO-Adam moments (reference ZOAdam); beta1 averages directions
+    normalize: str = "coordinate"    # Adam's second moment per coordinate (reference) or global (zo.ZOConfig)
     templates: str = "object"        # diffusers' TI templates; "style" for styles
     captions: str | None = None      # per-image captions file (overrides templates)
     seed: int = 0                    # every draw of step s derives from (seed, s): resumes are exact
@@ -103,7 +104,7 @@ class TrainConfig:
                            nu=self.nu, subspace=self.subspace, subspace_cap=self.subspace_cap, lr=self.lr,
                            directions=self.directions, betas=self.betas, lr_schedule=self.lr_schedule,
                            lr_final=self.lr_final, horizon=self.lr_horizon or self.steps, average=self.average,
-                           guide_share=self.guide_share)
+                           guide_share=self.guide_share, normalize=self.normalize)
 
 
 def _prior(text: TextEncoder, prompts_: "_Prompts", v0: np.ndarray, batch: int, cfg: TrainConfig) -> np.ndarray | None:

@@ -41,6 +41,10 @@ class ZOConfig:
     # with decay a (0.998: about the last 500 steps), which averages out the walk the noisy steps leave.
     average: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)  # Adam defaults, as in the reference ZOAdam
+    # coordinate: Adam's per-coordinate second moment (reference). global: one second moment, the mean of
+    # g^2 over the D coordinates, so the step keeps the estimate's direction (a direction prior's shape
+    # survives instead of every coordinate being rescaled to a step of ~lr).
+    normalize: str = "coordinate"
     eps: float = 1e-3                # large on purpose: damps steps where the ZO second moment is tiny
     # gaussian: z ~ N(0, I) (the reference). orthogonal: sweeps of a seeded random orthonormal basis
     # scaled to |z|^2 = D, so D/n consecutive steps probe every direction once (lower-variance sums).
@@ -79,6 +83,8 @@ class ZOConfig:
             raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}, got {self.directions!r}")
         if not 0 <= self.guide_share < 1:
             raise ValueError(f"guide_share must be in [0, 1) (a share of each query's energy), got {self.guide_share}")
+        if self.normalize not in ("coordinate", "global"):
+            raise ValueError(f"normalize must be 'coordinate' or 'global', got {self.normalize!r}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
 
@@ -271,7 +277,7 @@ def adam_update(state: ZOState, g: np.ndarray, cfg: ZOConfig) -> None:
     state.m *= b1
     state.m += (1 - b1) * g
     state.s *= b2
-    state.s += (1 - b2) * g * g
+    state.s += (1 - b2) * (g * g if cfg.normalize == "coordinate" else np.mean(g * g, dtype=np.float64))
     m_hat = state.m / (1 - b1 ** t)
     s_hat = state.s / (1 - b2 ** t)
     state.v -= (lr_at(cfg, t) * m_hat / (np.sqrt(s_hat) + cfg.eps)).astype(np.float32)

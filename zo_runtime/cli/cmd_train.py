@@ -11,7 +11,8 @@ from ._common import friendly_errors, provider_option, provider_options_option
 DEFAULTS = dict(queries=2, mu=1e-3, tau=128, nu=1e-3, t_range=(500, 900), lr=5e-3, steps=30000, num_vectors=1,
                 estimator="rge", templates="object", seed=0, unet_batch="single", save_every=500, sample_every=0,
                 latent="sample", directions="gaussian", betas=(0.9, 0.999), subspace_cap=0.17, prior_mix=0.1,
-                lr_schedule="constant", lr_final=0.1, average=0.0, prior_prompts=4, guide_share=0.5)
+                lr_schedule="constant", lr_final=0.1, average=0.0, prior_prompts=4, guide_share=0.5,
+                normalize="coordinate")
 
 
 def train_options(fn):
@@ -56,6 +57,9 @@ def train_options(fn):
                      help="jacobian directions: templates whose J^T J is summed (d+1 text-encoder passes each)."),
         click.option("--guide-share", type=float, default=d["guide_share"], show_default=True,
                      help="guided directions: share of each query's energy along the momentum."),
+        click.option("--normalize", type=click.Choice(["coordinate", "global"]), default=d["normalize"],
+                     show_default=True, help="ZO-Adam second moment per coordinate (reference) or one for all "
+                     "(keeps each step's direction)."),
         click.option("--beta1", type=float, default=d["betas"][0], show_default=True,
                      help="ZO-Adam first-moment decay: higher averages more directions per update."),
         click.option("--templates", type=click.Choice(["object", "style"]), default=d["templates"], show_default=True,
@@ -88,7 +92,7 @@ def _config(kw: dict):
         directions=kw["directions"], betas=(kw["beta1"], DEFAULTS["betas"][1]), subspace_cap=kw["subspace_cap"],
         lr_schedule=kw["lr_schedule"], lr_final=kw["lr_final"], average=kw["average"],
         prior_words=str(kw["prior_words"]) if kw["prior_words"] else None, prior_mix=kw["prior_mix"],
-        prior_prompts=kw["prior_prompts"], guide_share=kw["guide_share"], captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
+        prior_prompts=kw["prior_prompts"], guide_share=kw["guide_share"], normalize=kw["normalize"], captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
         latent=kw["latent"], unet_batch=kw["unet_batch"], provider=kw["provider"],
         provider_options=tuple(parse_options(kw["provider_options"]).items()), save_every=kw["save_every"],
         sample_every=kw["sample_every"], resume=kw["resume"])
