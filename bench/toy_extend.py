@@ -25,7 +25,6 @@ import numpy as np
 
 from models.toyworld.attributes import to_array
 from zo_runtime.images import load_rgb
-from zo_runtime.io_utils import atomic_write_text
 
 from . import common, toy_pool
 from .toy_eval import ToyEvalConfig, ToyEvaluator
@@ -103,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--to must be increasing steps past the runs' last eval step ({last})")
     pooled = toy_pool.pool(extended_results(results, a.method, a.to, a.jobs))
     pooled["extended"] = {"method": a.method, "to": a.to, "from": [str(f) for f in a.results]}
-    common.write_json(a.out, pooled)
-    atomic_write_text(a.out.with_suffix(".md"), toy_pool.table(pooled))
+    toy_pool.write(pooled, a.out)
     print(toy_pool.table(pooled))
 
 

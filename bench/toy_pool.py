@@ -7,7 +7,7 @@ One 4-concept mean moves by ~0.1 from draw to draw, so a single draw cannot say 
 90% of backprop TI. Every (draw, concept) pair is one unit; for each method that ran on every unit of
 a draw, the pooled mean of its final concept fidelity, and its ratio to backprop TI's with a paired
 bootstrap 95% interval (units resampled with replacement; a unit keeps both methods' scores, so the
-concept's difficulty cancels). Writes FILE.json and FILE.md.
+concept's difficulty cancels). Writes FILE.json, FILE.md and FILE_curve.png.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zo_runtime.io_utils import atomic_write_text
+from zo_runtime.io_utils import atomic_write, atomic_write_text
 
 from . import common
 from .toy_method import METHODS, ZO_METHODS, label
@@ -82,8 +82,10 @@ def pool(results: list[dict]) -> dict:
 
 
 def table(pooled: dict) -> str:
-    lines = [f"Pooled over draws {pooled['draws']} ({len(pooled['units'])} concept runs), "
-             f"{'/'.join(map(str, pooled['steps']))} steps; ratio = mean fidelity / backprop TI's on the same runs, "
+    ext = pooled.get("extended")
+    steps = f"{ext['method']} continued to {ext['to'][-1]} steps" if ext else \
+        f"{'/'.join(map(str, pooled['steps']))} steps"
+    lines = [f"Pooled over draws {pooled['draws']} ({len(pooled['units'])} concept runs), {steps}; ratio = mean fidelity / backprop TI's on the same runs, "
              "95% paired bootstrap interval.", "",
              "| method | runs | concept fidelity | TI on the same runs | ratio to TI | 95% interval "
              "| wins / ties / losses | passes to 90% of TI |", "|---|---|---|---|---|---|---|---|"]
@@ -98,6 +100,45 @@ def table(pooled: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] = ("zoodip", REFERENCE)) -> Path | None:
+    """Pooled concept fidelity against forward passes, with TI's final level, its 90% and the pass goal."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from .toy_report import GOAL_PASSES
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in methods:
+        s = pooled["methods"].get(m)
+        if s and s["curve"]:
+            xs, ys = zip(*s["curve"])
+            ax.plot(xs, ys, marker="o", label=f"{label(m)}{' (fwd only)' if m == REFERENCE else ''}, {s['units']} runs")
+    if REFERENCE in pooled["methods"]:
+        ti = pooled["methods"][REFERENCE]["concept_fidelity"]
+        ax.axhline(ti, ls=":", lw=0.8, color="black", label="backprop TI, final")
+        ax.axhline(0.9 * ti, ls="--", lw=0.8, color="black", label="90% of it")
+    ax.axvline(GOAL_PASSES, ls="--", lw=0.8, color="red", label=f"goal: {GOAL_PASSES:,} passes")
+    ax.set_xscale("log")
+    ax.set_xlabel("forward passes (backprop TI: forwards, each with a backward)")
+    ax.set_ylabel("concept fidelity (mean over runs)")
+    ax.set_title(f"toy world, pooled over draws {pooled['draws']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def write(pooled: dict, out: Path) -> None:
+    """FILE.json, FILE.md and FILE_curve.png."""
+    common.write_json(out, pooled)
+    atomic_write_text(out.with_suffix(".md"), table(pooled))
+    curve_figure(pooled, out.with_name(out.stem + "_curve.png"))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", type=Path, help="bench.toy_quality result JSON files")
@@ -107,8 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"missing result file(s): {', '.join(missing)}; run bench.toy_quality first")
     pooled = pool([json.loads(f.read_text()) for f in a.results])
-    common.write_json(a.out, pooled)
-    atomic_write_text(a.out.with_suffix(".md"), table(pooled))
+    write(pooled, a.out)
     print(table(pooled))
 
 

@@ -63,8 +63,11 @@ def test_pool_ratio_interval_and_passes(tmp_path):
     lo, hi = mixed["ratio_ci95"]
     assert lo < 1.15 < hi and hi - lo > 0.2                          # 4 units: a wide interval, said as such
     assert mixed["passes_to_90pct_ti"] == 20                         # curve 0.29, 0.575 vs target 0.45
-    assert "| zoodip (w8, ZO) | 4 |" in toy_pool.table(toy_pool.pool([res(1, [(0.4, 0.6), (0.8, 0.7)]),
-                                                                      res(2, [(0.2, 0.1), (0.6, 0.9)])]))
+    pooled = toy_pool.pool([res(1, [(0.4, 0.6), (0.8, 0.7)]), res(2, [(0.2, 0.1), (0.6, 0.9)])])
+    assert "| zoodip (w8, ZO) | 4 |" in toy_pool.table(pooled)
+    toy_pool.write(pooled, tmp_path / "pooled.json")
+    assert json.loads((tmp_path / "pooled.json").read_text())["methods"]["zoodip"]["ratio_to_ti"] == 1.15
+    assert (tmp_path / "pooled_curve.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
