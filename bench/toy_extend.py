@@ -4,8 +4,9 @@
         --jobs 2 --out bench/results/toy_quality_extended.json
 
 For every concept of every result file: copy WORK/<concept>/<method>/ (its checkpoint is at the last
-eval step) to <method>_ext/, resume training to each --to step (resume is exact and a constant lr does
-not depend on the run's length, so this is the run a longer --steps would have made), score like
+eval step) to <method>_ext/, resume training to each --to step (resume is exact at the same thread
+count, and a constant lr does not depend on the run's length, so this is the run a longer --steps
+would have made; use --jobs > 1 after a toy_quality --jobs > 1 run: one thread each), score like
 toy_method, and keep the concept's curve with the new points appended. Then pool everything like
 bench.toy_pool: ratio to backprop TI at the last step with its interval, and passes to 90% of TI's
 final on the pooled curve. Finished concepts are kept (<method>_ext.result.json), so a rerun resumes.
