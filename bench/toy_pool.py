@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zo_runtime.io_utils import atomic_write, atomic_write_text
+from zo_runtime.io_utils import atomic_write_text
 
 from . import common
 from .toy_method import METHODS, ZO_METHODS, label
@@ -108,7 +108,7 @@ def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] = ("zoodip",
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from .toy_report import GOAL_PASSES
+    from .toy_report import save_curve
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for m in methods:
@@ -120,16 +120,8 @@ def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] = ("zoodip",
         ti = pooled["methods"][REFERENCE]["concept_fidelity"]
         ax.axhline(ti, ls=":", lw=0.8, color="black", label="backprop TI, final")
         ax.axhline(0.9 * ti, ls="--", lw=0.8, color="black", label="90% of it")
-    ax.axvline(GOAL_PASSES, ls="--", lw=0.8, color="red", label=f"goal: {GOAL_PASSES:,} passes")
-    ax.set_xscale("log")
-    ax.set_xlabel("forward passes (backprop TI: forwards, each with a backward)")
-    ax.set_ylabel("concept fidelity (mean over runs)")
-    ax.set_title(f"toy world, pooled over draws {pooled['draws']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return save_curve(fig, ax, path, f"toy world, pooled over draws {pooled['draws']}",
+                      "concept fidelity (mean over runs)")
 
 
 def write(pooled: dict, out: Path) -> None:

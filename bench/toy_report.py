@@ -99,11 +99,18 @@ def curve_figure(res: dict, path: Path) -> Path | None:
     if "backprop_ti" in res["methods"]:
         ax.axhline(0.9 * res["methods"]["backprop_ti"]["concept_fidelity"], ls="--", lw=0.8, color="black",
                    label="90% of backprop TI (final)")
+    return save_curve(fig, ax, path, f"toy world, {res['config']['concepts']} held-out concepts", "concept fidelity")
+
+
+def save_curve(fig, ax, path: Path, title: str, ylabel: str) -> Path:
+    """The common end of a fidelity-vs-passes figure: the pass goal, log x axis, labels, legend, atomic PNG."""
+    import matplotlib.pyplot as plt
+
     ax.axvline(GOAL_PASSES, ls="--", lw=0.8, color="red", label=f"goal: {GOAL_PASSES:,} passes")
     ax.set_xscale("log")
     ax.set_xlabel("forward passes (backprop TI: forwards, each with a backward)")
-    ax.set_ylabel("concept fidelity")
-    ax.set_title(f"toy world, {res['config']['concepts']} held-out concepts")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))

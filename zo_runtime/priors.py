@@ -61,3 +61,16 @@ def jacobian_moment(text: TextEncoder, prompts: list[tuple[np.ndarray, list[np.n
 
 def jacobian_prior(text: TextEncoder, prompts, v0: np.ndarray, mix: float, batch: int = 16) -> np.ndarray:
     return zo.prior_from_moment(jacobian_moment(text, prompts, v0, batch=batch), mix)
+
+
+def build(directions: str, text: TextEncoder, words: str | None, mix: float, prompts, v0: np.ndarray,
+          batch: int) -> np.ndarray | None:
+    """The (d, d) prior a direction kind needs (vocab or jacobian), None for the others.
+
+    prompts: the templates' (rows, positions) whose J^T J a jacobian prior sums (TrainConfig.prior_prompts).
+    """
+    if directions == "vocab":
+        return vocab_prior(text, words, mix)
+    if directions == "jacobian":
+        return jacobian_prior(text, prompts, v0, mix, batch)
+    return None

@@ -107,16 +107,6 @@ class TrainConfig:
                            guide_share=self.guide_share, normalize=self.normalize)
 
 
-def _prior(text: TextEncoder, prompts_: "_Prompts", v0: np.ndarray, batch: int, cfg: TrainConfig) -> np.ndarray | None:
-    """(d, d) square root of the direction covariance (vocab or jacobian), or None for the other kinds."""
-    if cfg.directions == "vocab":
-        return priors.vocab_prior(text, cfg.prior_words, cfg.prior_mix)
-    if cfg.directions == "jacobian":    # the first prompt_count templates (common phrasings of the subject)
-        draws = [prompts_.draw_template(i) for i in range(min(cfg.prior_prompts, len(prompts_.templates)))]
-        return priors.jacobian_prior(text, draws, v0, cfg.prior_mix, batch)
-    return None
-
-
 def _place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
     """Add sks, sks_1, ... to the tokenizer; v0 = the init token's row, (k, d) float32."""
     pieces = text.tokenizer.tokenize(cfg.init)
@@ -208,7 +198,9 @@ def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
     text_rows = _rows(text.session, "inputs_embeds", passes, passes, "text encoder")
     drawer = _Prompts(text, tokens, latents.names, cfg)
     # Before the UNet loads (a jacobian's J is transient); a dynamic-batch text encoder takes 16 rows a call.
-    prior = _prior(text, drawer, v0, text_rows if _batch_dim(text.session, "inputs_embeds") else 16, cfg)
+    draws = [drawer.draw_template(i) for i in range(min(cfg.prior_prompts, len(drawer.templates)))]
+    prior = priors.build(cfg.directions, text, cfg.prior_words, cfg.prior_mix, draws, v0,
+                         text_rows if _batch_dim(text.session, "inputs_embeds") else 16)
     unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
     unet_rows = _rows(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     return _Run(model, text, unet, latents, drawer, tokens, v0,
