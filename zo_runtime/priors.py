@@ -2,9 +2,10 @@
 
 vocab: S = covariance of token rows (the directions in which words differ).
 jacobian: S = J^T J of the text encoder at v0, J = d(hidden states)/d(placeholder row) by finite
-differences (d + 1 text-encoder passes per prompt, no UNet pass). On the toy world the true TI gradient
-puts 85-91% of its energy in the top 16 of 128 eigen-directions of J^T J, against 74% for the vocab
-covariance and 12.5% for an isotropic draw (runs/analysis/grad_spectrum.py).
+differences (d + 1 text-encoder passes per prompt, no UNet pass). On the toy world the exact gradient
+puts 86-91% of its energy in the top 16 of 128 eigen-directions of J^T J, against 75% for the vocab
+covariance and 12.5% for an isotropic draw (bench/toy_grad_spectrum.py). Neither prior beat isotropic
+queries on the toy benchmark (README, time-to-quality).
 Both return the (d, d) symmetric square root that zo.direction applies (zo.prior_sqrt / prior_from_moment).
 """
 from __future__ import annotations

@@ -92,7 +92,8 @@ def _config(kw: dict):
         directions=kw["directions"], betas=(kw["beta1"], DEFAULTS["betas"][1]), subspace_cap=kw["subspace_cap"],
         lr_schedule=kw["lr_schedule"], lr_final=kw["lr_final"], average=kw["average"],
         prior_words=str(kw["prior_words"]) if kw["prior_words"] else None, prior_mix=kw["prior_mix"],
-        prior_prompts=kw["prior_prompts"], guide_share=kw["guide_share"], normalize=kw["normalize"], captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
+        prior_prompts=kw["prior_prompts"], guide_share=kw["guide_share"], normalize=kw["normalize"],
+        captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
         latent=kw["latent"], unet_batch=kw["unet_batch"], provider=kw["provider"],
         provider_options=tuple(parse_options(kw["provider_options"]).items()), save_every=kw["save_every"],
         sample_every=kw["sample_every"], resume=kw["resume"])
