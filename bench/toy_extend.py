@@ -15,45 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from models.toyworld.attributes import to_array
-from zo_runtime.images import load_rgb
-
-from . import common, toy_pool
-from .toy_eval import ToyEvalConfig, ToyEvaluator
-from .toy_method import TOKEN, ZO_METHODS, zo_config
+from . import common, toy_method, toy_pool, toy_quality
+from .toy_method import ZO_METHODS
 
 
 def extend(spec: dict, method: str, to: list[int]) -> dict:
     """Train WORK/<method>_ext onward to each step of `to` and score there: {'curve': [...new points]}."""
-    from zo_runtime.embeds import load_learned_embeds
-    from zo_runtime.train import train
-
     work = Path(spec["work"])
     src, dst = work / method, work / f"{method}_ext"
     if not dst.is_dir():
         shutil.copytree(src, dst)
-    scheme = ZO_METHODS[method][0]
-    images = to_array([load_rgb(p, 64) for p in sorted(Path(spec["images"]).glob("*.png"))])
-    ev = ToyEvaluator(spec["models"][scheme], tuple(spec["concept"]), list(images), spec["backgrounds"],
-                      ToyEvalConfig(**spec.get("eval", {})))
-    base = zo_config(spec, method)
-    curve, train_s = [], 0.0
-    for step in to:
-        t0 = time.perf_counter()
-        path = train(spec["models"][scheme], spec["images"], dst, replace(base, steps=step, resume=True))
-        train_s += time.perf_counter() - t0
-        ev.set_token(TOKEN, load_learned_embeds(path)[1])
-        metrics, _ = ev.score(TOKEN)
-        curve.append({"step": step, "forward_passes": step * base.zo.passes, **metrics})
+    ev = toy_method.evaluator(spec, ZO_METHODS[method][0])
+    curve, train_s, _ = toy_method.train_and_score(spec, method, ev, dst, to, resume=True)
     return {"method": method, "curve": curve, "train_seconds": round(train_s, 2)}
 
 
@@ -66,9 +43,9 @@ def extended_results(results: list[dict], method: str, to: list[int], jobs: int)
         done = Path(spec["work"]) / f"{method}_ext.result.json"
         if done.is_file() and [p["step"] for p in json.loads(done.read_text())["curve"]] == to:
             return json.loads(done.read_text())
-        env = {**os.environ, "ZOODIP_THREADS": "1", "OMP_NUM_THREADS": "1"} if jobs > 1 else None
         args = ["--worker", str(Path(spec["work"]) / "concept.json"), "--method", method, "--to", *map(str, to)]
-        res = common.run_isolated("bench.toy_extend", args, Path(spec["work"]) / f"{method}_ext.log", env=env)
+        res = common.run_isolated("bench.toy_extend", args, Path(spec["work"]) / f"{method}_ext.log",
+                                  env=toy_quality.job_env(jobs))
         common.write_json(done, res)
         return res
 

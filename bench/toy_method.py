@@ -73,23 +73,41 @@ def zo_config(spec: dict, method: str):
     return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"], **zo_cfg)
 
 
-def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
-    """Train in stages up to each eval step (resume is exact) and score after each stage."""
+def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, steps: list[int],
+                    resume: bool) -> tuple[list, float, np.ndarray]:
+    """Train `method` in `folder` up to each of `steps` (resume is exact), scoring after each stage.
+
+    resume: continue the folder's checkpoint from the first stage on (else start it). Returns the curve,
+    the training seconds and the last stage's samples.
+    """
     from zo_runtime.train import train
     from zo_runtime.embeds import load_learned_embeds
 
-    scheme, overrides, _ = ZO_METHODS[method]
     base = zo_config(spec, method)
-    curve, train_s = [], 0.0
-    for i, step in enumerate(spec["eval_at"]):
+    curve, train_s, images = [], 0.0, None
+    for i, step in enumerate(steps):
         t0 = time.perf_counter()
-        path = train(spec["models"][scheme], spec["images"], work / method, replace(base, steps=step, resume=i > 0))
+        path = train(spec["models"][ZO_METHODS[method][0]], spec["images"], folder,
+                     replace(base, steps=step, resume=resume or i > 0))
         train_s += time.perf_counter() - t0
         ev.set_token(TOKEN, load_learned_embeds(path)[1])
         metrics, images = ev.score(TOKEN)
         curve.append({"step": step, "forward_passes": step * base.zo.passes, **metrics})
-    return curve, {"train_seconds": round(train_s, 2), "passes_per_step": base.zo.passes, "images": images,
-                   "config": {**spec["zo"], **overrides}}
+    return curve, train_s, images
+
+
+def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
+    """Train in stages up to each eval step and score after each stage."""
+    curve, train_s, images = train_and_score(spec, method, ev, work / method, spec["eval_at"], resume=False)
+    return curve, {"train_seconds": round(train_s, 2), "passes_per_step": zo_config(spec, method).zo.passes,
+                   "images": images, "config": {**spec["zo"], **ZO_METHODS[method][1]}}
+
+
+def evaluator(spec: dict, scheme: str) -> ToyEvaluator:
+    """The concept's scorer on the `scheme` model, with its training images as the feature reference."""
+    train_images = to_array([load_rgb(p, 64) for p in sorted(Path(spec["images"]).glob("*.png"))])
+    return ToyEvaluator(spec["models"][scheme], tuple(spec["concept"]), list(train_images), spec["backgrounds"],
+                        ToyEvalConfig(**spec.get("eval", {})))
 
 
 def _ti_curve(spec: dict, ev: ToyEvaluator) -> tuple[list, dict]:
@@ -111,12 +129,10 @@ def _ti_curve(spec: dict, ev: ToyEvaluator) -> tuple[list, dict]:
 def run(method: str, spec: dict) -> dict:
     """Train (if the method trains) and score; returns the method's result (images saved beside it)."""
     work = Path(spec["work"])
-    train_images = to_array([load_rgb(p, 64) for p in sorted(Path(spec["images"]).glob("*.png"))])
     scheme = ZO_METHODS[method][0] if method in ZO_METHODS else "fp32"
     with common.RssSampler() as rss:
         rss.mark("start")
-        ev = ToyEvaluator(spec["models"][scheme], tuple(spec["concept"]), list(train_images), spec["backgrounds"],
-                          ToyEvalConfig(**spec.get("eval", {})))
+        ev = evaluator(spec, scheme)
         t0 = time.perf_counter()
         if method in ZO_METHODS:
             curve, info = _zo_curve(spec, method, ev, work)

@@ -85,8 +85,8 @@ def table(pooled: dict) -> str:
     ext = pooled.get("extended")
     steps = f"{ext['method']} continued to {ext['to'][-1]} steps" if ext else \
         f"{'/'.join(map(str, pooled['steps']))} steps"
-    lines = [f"Pooled over draws {pooled['draws']} ({len(pooled['units'])} concept runs), {steps}; ratio = mean fidelity / backprop TI's on the same runs, "
-             "95% paired bootstrap interval.", "",
+    lines = [f"Pooled over draws {pooled['draws']} ({len(pooled['units'])} concept runs), {steps}; "
+             "ratio = mean fidelity / backprop TI's on the same runs, 95% paired bootstrap interval.", "",
              "| method | runs | concept fidelity | TI on the same runs | ratio to TI | 95% interval "
              "| wins / ties / losses | passes to 90% of TI |", "|---|---|---|---|---|---|---|---|"]
     for m, s in pooled["methods"].items():
@@ -115,7 +115,8 @@ def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] = ("zoodip",
         s = pooled["methods"].get(m)
         if s and s["curve"]:
             xs, ys = zip(*s["curve"])
-            ax.plot(xs, ys, marker="o", label=f"{label(m)}{' (fwd only)' if m == REFERENCE else ''}, {s['units']} runs")
+            fwd = " (fwd only)" if m == REFERENCE else ""
+            ax.plot(xs, ys, marker="o", label=f"{label(m)}{fwd}, {s['units']} runs")
     if REFERENCE in pooled["methods"]:
         ti = pooled["methods"][REFERENCE]["concept_fidelity"]
         ax.axhline(ti, ls=":", lw=0.8, color="black", label="backprop TI, final")

@@ -85,15 +85,18 @@ def write_concept(work: Path, i: int, concept, args, models: dict) -> Path:
     return path
 
 
+def job_env(jobs: int) -> dict | None:
+    """Side by side (jobs > 1), each process gets one thread: a toy step is no faster on two (DEVELOPERS.md)."""
+    return {**os.environ, "ZOODIP_THREADS": "1", "OMP_NUM_THREADS": "1"} if jobs > 1 else None
+
+
 def run_method(spec_path: Path, method: str, log: Path, jobs: int = 1) -> dict:
     """A method's result for one concept, computed once (the .result.json file is the resume point)."""
     done = spec_path.with_name(f"{method}.result.json")
     if done.is_file():
         return json.loads(done.read_text())
     shutil.rmtree(spec_path.parent / method, ignore_errors=True)     # a killed run's partial training
-    # Side by side, each process gets one thread: a toy step is no faster on two (DEVELOPERS.md).
-    env = {**os.environ, "ZOODIP_THREADS": "1", "OMP_NUM_THREADS": "1"} if jobs > 1 else None
-    res = common.run_isolated("bench.toy_method", [method, "--concept", str(spec_path)], log, env=env)
+    res = common.run_isolated("bench.toy_method", [method, "--concept", str(spec_path)], log, env=job_env(jobs))
     common.write_json(done, res)
     return res
 
