@@ -35,6 +35,12 @@ ZO_METHODS = {
     # directions from the text encoder's J^T J at v0 (priors.jacobian_prior), 10% isotropic
     "zoodip_jac": ("w8", {"directions": "jacobian", "prior_mix": 0.1}, "zoodip, jacobian directions"),
     # half of each query's energy along the Adam momentum (guided ES)
+    # Gauss-Newton through the text encoder: z ~ N(0, S^-1), S = J^T J at v0 mixed with 10% identity, so the
+    # flat directions (where zoodip's displacement goes: 80% in the bottom half of J^T J's spectrum) get the queries
+    "zoodip_gn": ("w8", {"directions": "jacobian", "prior_mix": 0.1, "prior_power": -1.0},
+                  "zoodip, Gauss-Newton directions"),
+    "zoodip_gn_half": ("w8", {"directions": "jacobian", "prior_mix": 0.1, "prior_power": -0.5},
+                       "zoodip, half Gauss-Newton directions"),
     "zoodip_guided": ("w8", {"directions": "guided"}, "zoodip, momentum-guided directions"),
     # one Adam second moment for all coordinates: keeps the direction (and a prior's shape) of each step
     "zoodip_global": ("w8", {"normalize": "global"}, "zoodip, global Adam normalisation"),
@@ -48,6 +54,15 @@ ZO_METHODS = {
     "zoodip_q1": ("w8", {"queries": 1}, "zoodip, 1 query"),     # 2 passes a step, more data draws per pass
     "zoodip_lr5e2": ("w8", {"lr": 0.05}, "zoodip, lr 5e-2"),    # 2.5x the benchmark's lr
 }
+# Scored at the same forward passes as zoodip (3 a step) rather than the same steps: eval_at * 3 / passes.
+# n queries batched in one call with lr scaled so the drift per pass matches n = 2 at lr 2e-2 (the signal of
+# an estimate grows as sqrt(n), ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift
+# the walk's variance per pass is 2 (n + 1) / (3 n) of n = 2's: 0.75 at n = 8, 0.71 at n = 16.
+PASS_BUDGET = {"zoodip_q8_eq", "zoodip_q16_eq"}
+ZO_METHODS["zoodip_q8_eq"] = ("w8", {"queries": 8, "unet_batch": "batch", "lr": 0.03},
+                              "zoodip, 8 queries batched, lr 3e-2, same passes")
+ZO_METHODS["zoodip_q16_eq"] = ("w8", {"queries": 16, "unet_batch": "batch", "lr": 0.04},
+                               "zoodip, 16 queries batched, lr 4e-2, same passes")
 OTHER_LABELS = {"backprop_ti": "backprop TI (torch)", "init_only": "init word only",
                 "oracle_prompt": "concept in words"}
 METHODS = (*ZO_METHODS, *OTHER_LABELS)
@@ -71,6 +86,14 @@ def zo_config(spec: dict, method: str):
     if zo_cfg.get("lr_schedule", "constant") != "constant":    # one schedule across the staged resumes
         zo_cfg.setdefault("lr_horizon", max(spec["eval_at"]))
     return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"], **zo_cfg)
+
+
+def eval_steps(spec: dict, method: str) -> list[int]:
+    """The steps to score at: the benchmark's eval_at, or for PASS_BUDGET methods the steps that spend
+    the same forward passes as zoodip's eval_at at 3 passes a step."""
+    if method not in PASS_BUDGET:
+        return list(spec["eval_at"])
+    return [max(1, round(s * 3 / zo_config(spec, method).zo.passes)) for s in spec["eval_at"]]
 
 
 def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, steps: list[int],
@@ -98,7 +121,8 @@ def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, ste
 
 def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
     """Train in stages up to each eval step and score after each stage."""
-    curve, train_s, images = train_and_score(spec, method, ev, work / method, spec["eval_at"], resume=False)
+    curve, train_s, images = train_and_score(spec, method, ev, work / method, eval_steps(spec, method),
+                                             resume=False)
     return curve, {"train_seconds": round(train_s, 2), "passes_per_step": zo_config(spec, method).zo.passes,
                    "images": images, "config": {**spec["zo"], **ZO_METHODS[method][1]}}
 

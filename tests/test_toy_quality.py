@@ -117,3 +117,14 @@ def test_one_concept_smoke(tmp_path, monkeypatch):
     fresh = train(spec["models"]["w8"], spec["images"], tmp_path / "fresh", replace(zo_config(spec, "zoodip"), steps=12))
     extended = Path(spec["work"]) / "zoodip_ext" / "learned_embeds.safetensors"
     assert np.array_equal(load_learned_embeds(fresh)[1], load_learned_embeds(extended)[1])
+
+
+def test_pass_budgeted_methods_are_scored_at_zoodips_forward_passes():
+    from bench import toy_method
+
+    spec = {"init": "circle", "seed": 1, "zo": {"lr": 0.02}, "eval_at": [375, 750, 1500, 3000]}
+    assert toy_method.eval_steps(spec, "zoodip") == [375, 750, 1500, 3000]
+    for method, passes in (("zoodip_q8_eq", 9), ("zoodip_q16_eq", 17)):
+        steps = toy_method.eval_steps(spec, method)
+        assert toy_method.zo_config(spec, method).zo.passes == passes
+        assert [abs(s * passes - 3 * e) <= passes for s, e in zip(steps, spec["eval_at"])] == [True] * 4

@@ -283,6 +283,21 @@ def test_jacobian_moment_matches_a_known_linear_encoder():
     assert np.allclose(a @ a, 0.75 * m * d / np.trace(m) + 0.25 * np.eye(d), atol=1e-4)
 
 
+def test_a_negative_prior_power_puts_the_queries_in_the_flat_directions():
+    """power -1: z ~ N(0, S^-1) scaled to trace d (Gauss-Newton through the text encoder)."""
+    d = 5
+    m = np.diag([100.0, 10.0, 1.0, 0.1, 0.0])
+    s = 0.9 * m * d / np.trace(m) + 0.1 * np.eye(d)
+    for power in (-1.0, -0.5):
+        a = zo.prior_from_moment(m, 0.1, power).astype(np.float64)
+        want = np.diag(np.diag(s) ** power)
+        assert np.allclose(a @ a, want * d / np.trace(want), atol=1e-5)
+    a = zo.prior_from_moment(m, 0.1, -1.0)
+    assert a[4, 4] > a[0, 0] * 6                        # the dim the encoder ignores: sqrt(10 / 0.24) = 6.4x the stiff one
+    with pytest.raises(ValueError, match="prior mix > 0"):
+        zo.prior_from_moment(m, 0.0, -1.0)
+
+
 def test_guided_directions_lean_on_the_momentum_and_are_regenerated_exactly():
     D, s = 16, 0.5
     cfg = zo.ZOConfig(directions="guided", guide_share=s, subspace=False)

@@ -18,10 +18,10 @@ from . import zo
 from .text import TextEncoder
 
 
-def vocab_prior(text: TextEncoder, words: str | None, mix: float) -> np.ndarray:
+def vocab_prior(text: TextEncoder, words: str | None, mix: float, power: float = 1.0) -> np.ndarray:
     """From the rows of the words in file `words` (None: the whole token table, right for SD)."""
     if words is None:
-        return zo.prior_sqrt(text.table, mix)
+        return zo.prior_sqrt(text.table, mix, power)
     path = Path(words)
     if not path.is_file():
         raise FileNotFoundError(f"--prior-words {path} is missing: give a text file of words, or leave it out "
@@ -30,7 +30,7 @@ def vocab_prior(text: TextEncoder, words: str | None, mix: float) -> np.ndarray:
     ids = sorted({text.tokenizer.token_id(p) for p in pieces})
     if len(ids) < 2:
         raise ValueError(f"--prior-words {path} names {len(ids)} token(s); a covariance needs at least 2")
-    return zo.prior_sqrt(np.asarray(text.table[ids], np.float32), mix)
+    return zo.prior_sqrt(np.asarray(text.table[ids], np.float32), mix, power)
 
 
 def jacobian_moment(text: TextEncoder, prompts: list[tuple[np.ndarray, list[np.ndarray]]], v0: np.ndarray,
@@ -61,18 +61,19 @@ def jacobian_moment(text: TextEncoder, prompts: list[tuple[np.ndarray, list[np.n
     return m
 
 
-def jacobian_prior(text: TextEncoder, prompts, v0: np.ndarray, mix: float, batch: int = 16) -> np.ndarray:
-    return zo.prior_from_moment(jacobian_moment(text, prompts, v0, batch=batch), mix)
+def jacobian_prior(text: TextEncoder, prompts, v0: np.ndarray, mix: float, batch: int = 16,
+                   power: float = 1.0) -> np.ndarray:
+    return zo.prior_from_moment(jacobian_moment(text, prompts, v0, batch=batch), mix, power)
 
 
 def build(directions: str, text: TextEncoder, words: str | None, mix: float, prompts, v0: np.ndarray,
-          batch: int) -> np.ndarray | None:
+          batch: int, power: float = 1.0) -> np.ndarray | None:
     """The (d, d) prior a direction kind needs (vocab or jacobian), None for the others.
 
     prompts: the templates' (rows, positions) whose J^T J a jacobian prior sums (TrainConfig.prior_prompts).
     """
     if directions == "vocab":
-        return vocab_prior(text, words, mix)
+        return vocab_prior(text, words, mix, power)
     if directions == "jacobian":
-        return jacobian_prior(text, prompts, v0, mix, batch)
+        return jacobian_prior(text, prompts, v0, mix, batch, power)
     return None

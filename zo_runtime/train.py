@@ -55,6 +55,8 @@ class TrainConfig:
     prior_words: str | None = None
     prior_mix: float = 0.1
     prior_prompts: int = 4           # jacobian: J^T J summed over this many templates ((d+1) TE passes each)
+    prior_power: float = 1.0         # z ~ N(0, S^power): 1 favours the prior's big directions; -1 (jacobian):
+                                     # Gauss-Newton, queries go where the text encoder is flat (zo.prior_from_moment)
     guide_share: float = 0.5         # guided: share of each query along the momentum (guided ES's alpha = 0.5)
     betas: tuple[float, float] = (0.9, 0.999)   # ZO-Adam moments (reference ZOAdam); beta1 averages directions
     normalize: str = "coordinate"    # Adam's second moment per coordinate (reference) or global (zo.ZOConfig)
@@ -200,7 +202,7 @@ def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
     # Before the UNet loads (a jacobian's J is transient); a dynamic-batch text encoder takes 16 rows a call.
     draws = [drawer.draw_template(i) for i in range(min(cfg.prior_prompts, len(drawer.templates)))]
     prior = priors.build(cfg.directions, text, cfg.prior_words, cfg.prior_mix, draws, v0,
-                         text_rows if _batch_dim(text.session, "inputs_embeds") else 16)
+                         text_rows if _batch_dim(text.session, "inputs_embeds") else 16, cfg.prior_power)
     unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
     unet_rows = _rows(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     return _Run(model, text, unet, latents, drawer, tokens, v0,

@@ -136,7 +136,7 @@ def _sweep_basis(seed: int, sweep: int, size: int) -> np.ndarray:
     return np.ascontiguousarray((q * np.sign(np.diag(r))).T, dtype=np.float32)   # sign fix: Haar-distributed
 
 
-def prior_sqrt(rows: np.ndarray, mix: float) -> np.ndarray:
+def prior_sqrt(rows: np.ndarray, mix: float, power: float = 1.0) -> np.ndarray:
     """(d, d) symmetric A with A A = S = (1 - mix) C + mix I, C the (N, d) rows' covariance scaled to trace d.
 
     E|A z|^2 = d like a plain gaussian, so mu and the estimator's scale keep their meaning; mix > 0
@@ -153,17 +153,23 @@ def prior_sqrt(rows: np.ndarray, mix: float) -> np.ndarray:
     for i in chunks:
         c = np.asarray(rows[i:i + 4096], np.float64) - mean
         cov += c.T @ c / max(len(rows) - 1, 1)
-    return prior_from_moment(cov, mix)
+    return prior_from_moment(cov, mix, power)
 
 
-def prior_from_moment(moment: np.ndarray, mix: float) -> np.ndarray:
-    """(d, d) symmetric A with A A = (1 - mix) M + mix I, M the (d, d) PSD `moment` scaled to trace d."""
+def prior_from_moment(moment: np.ndarray, mix: float, power: float = 1.0) -> np.ndarray:
+    """(d, d) symmetric A with A A = S^power scaled to trace d, S = (1 - mix) M + mix I, M the (d, d) PSD
+    `moment` scaled to trace d. power -1 with M = J^T J: z ~ N(0, S^-1), so E[g] = S^-1 grad, a
+    Gauss-Newton step through the text encoder (flat directions of J get the queries, stiff ones few)."""
     if not 0 <= mix <= 1:
         raise ValueError(f"prior mix must be in [0, 1], got {mix}")
+    if power != 1 and mix == 0:
+        raise ValueError("a prior power other than 1 needs prior mix > 0 (M is singular)")
     d = moment.shape[0]
     moment = moment * (d / np.trace(moment) if np.trace(moment) > 0 else 0.0)
     w, v = np.linalg.eigh((1 - mix) * moment + mix * np.eye(d))
-    return ((v * np.sqrt(np.clip(w, 0, None))) @ v.T).astype(np.float32)
+    w = np.clip(w, 0, None) ** power if power == 1 else np.clip(w, mix, None) ** power
+    w *= d / w.sum()
+    return ((v * np.sqrt(w)) @ v.T).astype(np.float32)
 
 
 def sample_timestep(rng: np.random.Generator, lo: int, hi: int) -> int:

@@ -12,7 +12,7 @@ DEFAULTS = dict(queries=2, mu=1e-3, tau=128, nu=1e-3, t_range=(500, 900), lr=5e-
                 estimator="rge", templates="object", seed=0, unet_batch="single", save_every=500, sample_every=0,
                 latent="sample", directions="gaussian", betas=(0.9, 0.999), subspace_cap=0.17, prior_mix=0.1,
                 lr_schedule="constant", lr_final=0.1, average=0.0, prior_prompts=4, guide_share=0.5,
-                normalize="coordinate")
+                normalize="coordinate", prior_power=1.0)
 
 
 def train_options(fn):
@@ -55,6 +55,9 @@ def train_options(fn):
                      help="vocab/jacobian directions: share of the identity mixed into S (keeps every direction reachable)."),
         click.option("--prior-prompts", type=int, default=d["prior_prompts"], show_default=True,
                      help="jacobian directions: templates whose J^T J is summed (d+1 text-encoder passes each)."),
+        click.option("--prior-power", type=float, default=d["prior_power"], show_default=True,
+                     help="vocab/jacobian directions: z ~ N(0, S^power); -1 with jacobian = Gauss-Newton (queries "
+                     "where the text encoder is flat)."),
         click.option("--guide-share", type=float, default=d["guide_share"], show_default=True,
                      help="guided directions: share of each query's energy along the momentum."),
         click.option("--normalize", type=click.Choice(["coordinate", "global"]), default=d["normalize"],
@@ -92,7 +95,8 @@ def _config(kw: dict):
         directions=kw["directions"], betas=(kw["beta1"], DEFAULTS["betas"][1]), subspace_cap=kw["subspace_cap"],
         lr_schedule=kw["lr_schedule"], lr_final=kw["lr_final"], average=kw["average"],
         prior_words=str(kw["prior_words"]) if kw["prior_words"] else None, prior_mix=kw["prior_mix"],
-        prior_prompts=kw["prior_prompts"], guide_share=kw["guide_share"], normalize=kw["normalize"],
+        prior_prompts=kw["prior_prompts"], prior_power=kw["prior_power"], guide_share=kw["guide_share"],
+        normalize=kw["normalize"],
         captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
         latent=kw["latent"], unet_batch=kw["unet_batch"], provider=kw["provider"],
         provider_options=tuple(parse_options(kw["provider_options"]).items()), save_every=kw["save_every"],
