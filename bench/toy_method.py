@@ -41,6 +41,11 @@ ZO_METHODS = {
                   "zoodip, Gauss-Newton directions"),
     "zoodip_gn_half": ("w8", {"directions": "jacobian", "prior_mix": 0.1, "prior_power": -0.5},
                        "zoodip, half Gauss-Newton directions"),
+    # queries equally in the top 16 of J^T J's 128 directions (86-91% of the gradient's energy) + 10% of the
+    # rest, J^T J rebuilt at the current v every 125 steps (4 templates x 129 text-encoder passes, no UNet)
+    "zoodip_jsub": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125},
+                    "zoodip, jacobian top-16 subspace, refreshed"),
+    "zoodip_jsub0": ("w8", {"directions": "jacobian", "prior_rank": 16}, "zoodip, jacobian top-16 subspace at v0"),
     "zoodip_guided": ("w8", {"directions": "guided"}, "zoodip, momentum-guided directions"),
     # one Adam second moment for all coordinates: keeps the direction (and a prior's shape) of each step
     "zoodip_global": ("w8", {"normalize": "global"}, "zoodip, global Adam normalisation"),

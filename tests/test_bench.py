@@ -119,3 +119,16 @@ def test_goal_lines_judge_the_step_goal_at_512_px_only():
     assert "512 px) = 1.030" in lines[0] and lines[0].endswith(": met.")
     assert "256 px) = 1.080" in lines[1] and "over the bound" in lines[1] and "NOT met" not in lines[1]
     assert plot.goals([mem(512, 1.08)], None)[0].endswith("NOT met.")
+
+
+def test_toy_split_parts_add_up_and_shares_follow_the_spectrum():
+    from bench.toy_split import split
+
+    d = 8
+    moment = np.diag(np.arange(d, 0, -1, dtype=np.float64))      # eigen-directions = the axes, dim 0 stiffest
+    v0 = np.ones(d)
+    dv = np.zeros(d)
+    dv[[0, 6]] = [1.0, 3.0]                                        # 1 unit stiff, 3 units flat
+    p = split(v0, v0 + dv, moment)
+    assert np.allclose(p["stiff"] + p["flat"], dv) and np.allclose(p["stiff"], np.eye(d)[0])
+    assert np.isclose(p["flat_share"], 0.9) and np.isclose(p["top16_share"], 1.0)   # d < 16: all of it

@@ -335,3 +335,19 @@ def test_global_normalization_keeps_the_step_direction():
         assert np.allclose(state.v, want, rtol=1e-4)
     with pytest.raises(ValueError, match="normalize"):
         zo.ZOConfig(normalize="layer")
+
+
+def test_a_rank_k_prior_spreads_queries_evenly_over_the_top_k_and_the_estimate_divides_by_its_span():
+    d, k, mix, n = 12, 3, 0.1, 2
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    m = (q * np.arange(d, 0, -1.0) ** 3) @ q.T                     # top-3 eigen-directions = q[:, :3]
+    a = zo.prior_from_moment(m, mix, rank=k).astype(np.float64)
+    p = q[:, :k] @ q[:, :k].T
+    assert np.allclose(a @ a, p + mix * (np.eye(d) - p), atol=1e-5)     # equal weight, not m's spread
+    cfg = zo.ZOConfig(directions="jacobian", queries=n)
+    losses = np.array([1.0, 1.5, 0.25])
+    g = zo.estimate(losses, 3, 1, d, cfg, projected=4, prior=a.astype(np.float32))
+    span = (k + mix * (d - k)) * (1 - 4 / d)
+    want = sum(c * zo.direction(3, 1, i, d, cfg, a.astype(np.float32)) for i, c in enumerate((losses[1:] - 1) / cfg.mu))
+    assert np.allclose(g, want / (n * np.sqrt((span + n - 1) / n)), rtol=1e-4)

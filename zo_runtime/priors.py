@@ -5,7 +5,9 @@ jacobian: S = J^T J of the text encoder at v0, J = d(hidden states)/d(placeholde
 differences (d + 1 text-encoder passes per prompt, no UNet pass). On the toy world the exact gradient
 puts 86-91% of its energy in the top 16 of 128 eigen-directions of J^T J, against 75% for the vocab
 covariance and 12.5% for an isotropic draw (bench/toy_grad_spectrum.py). Neither prior beat isotropic
-queries on the toy benchmark (README, time-to-quality).
+queries on the toy benchmark (README, time-to-quality), and neither did the inverse (--prior-power -1,
+Gauss-Newton through the text encoder): a trained token's displacement needs both the stiff and the
+flat half of J^T J's eigen-directions (bench/toy_split.py).
 Both return the (d, d) symmetric square root that zo.direction applies (zo.prior_sqrt / prior_from_moment).
 """
 from __future__ import annotations
@@ -62,12 +64,12 @@ def jacobian_moment(text: TextEncoder, prompts: list[tuple[np.ndarray, list[np.n
 
 
 def jacobian_prior(text: TextEncoder, prompts, v0: np.ndarray, mix: float, batch: int = 16,
-                   power: float = 1.0) -> np.ndarray:
-    return zo.prior_from_moment(jacobian_moment(text, prompts, v0, batch=batch), mix, power)
+                   power: float = 1.0, rank: int = 0) -> np.ndarray:
+    return zo.prior_from_moment(jacobian_moment(text, prompts, v0, batch=batch), mix, power, rank)
 
 
 def build(directions: str, text: TextEncoder, words: str | None, mix: float, prompts, v0: np.ndarray,
-          batch: int, power: float = 1.0) -> np.ndarray | None:
+          batch: int, power: float = 1.0, rank: int = 0) -> np.ndarray | None:
     """The (d, d) prior a direction kind needs (vocab or jacobian), None for the others.
 
     prompts: the templates' (rows, positions) whose J^T J a jacobian prior sums (TrainConfig.prior_prompts).
@@ -75,5 +77,24 @@ def build(directions: str, text: TextEncoder, words: str | None, mix: float, pro
     if directions == "vocab":
         return vocab_prior(text, words, mix, power)
     if directions == "jacobian":
-        return jacobian_prior(text, prompts, v0, mix, batch, power)
+        return jacobian_prior(text, prompts, v0, mix, batch, power, rank)
     return None
+
+
+def from_config(cfg, text: TextEncoder, args: tuple, v: np.ndarray) -> np.ndarray | None:
+    """build() with a TrainConfig's prior settings; args = (prompts, batch) kept by the run."""
+    return build(cfg.directions, text, cfg.prior_words, cfg.prior_mix, args[0], v, args[1], cfg.prior_power,
+                 cfg.prior_rank)
+
+
+def anchor(state: zo.ZOState, step: int, every: int, first: int, tau: int) -> np.ndarray | None:
+    """(D,) the v a refreshed jacobian prior must be computed at before `step`, or None (keep the prior).
+
+    Refreshes happen at steps 1 + j * every, at the v the step starts from. `first`: this process's first
+    step; a resume inside a period rebuilds that period's prior from the history ring (every <= tau), so a
+    resumed run repeats an uninterrupted one. Period 0's prior (at v0) is the one built when the run opens.
+    """
+    start = (step - 1) // every * every + 1                 # the period's first step
+    if start == 1 or (step != start and step != first):
+        return None
+    return state.v.copy() if step == start else state.history[(start - 2) % tau].copy()

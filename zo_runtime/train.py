@@ -57,6 +57,8 @@ class TrainConfig:
     prior_prompts: int = 4           # jacobian: J^T J summed over this many templates ((d+1) TE passes each)
     prior_power: float = 1.0         # z ~ N(0, S^power): 1 favours the prior's big directions; -1 (jacobian):
                                      # Gauss-Newton, queries go where the text encoder is flat (zo.prior_from_moment)
+    prior_rank: int = 0              # k > 0: queries equally in S's top-k directions, mix in the rest (0: S^power)
+    prior_refresh: int = 0           # jacobian: rebuild S at the current v every this many steps (<= tau; 0: v0 only)
     guide_share: float = 0.5         # guided: share of each query along the momentum (guided ES's alpha = 0.5)
     betas: tuple[float, float] = (0.9, 0.999)   # ZO-Adam moments (reference ZOAdam); beta1 averages directions
     normalize: str = "coordinate"    # Adam's second moment per coordinate (reference) or global (zo.ZOConfig)
@@ -93,8 +95,9 @@ class TrainConfig:
         prompts.templates(self.templates)
         if not 0 <= self.prior_mix <= 1:
             raise ValueError(f"--prior-mix must be in [0, 1], got {self.prior_mix}")
-        if self.prior_prompts < 1:
-            raise ValueError(f"--prior-prompts must be >= 1, got {self.prior_prompts}")
+        if self.prior_prompts < 1 or self.prior_rank < 0 or not 0 <= self.prior_refresh <= self.tau:
+            raise ValueError(f"need --prior-prompts >= 1, --prior-rank >= 0, 0 <= --prior-refresh <= --tau; got "
+                             f"{self.prior_prompts}, {self.prior_rank}, {self.prior_refresh}")
         if self.latent not in ("sample", "mean"):
             raise ValueError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
         if self.unet_batch not in ("batch", "single"):
@@ -171,6 +174,7 @@ class _Run:
     unet_rows: int            # UNet batch per call: passes (batched) or 1
     text_rows: int            # text-encoder batch per call
     prior: np.ndarray | None  # (d, d) vocab-direction map, or None
+    prior_args: tuple         # (prompts, batch) a jacobian prior is rebuilt from (TrainConfig.prior_refresh)
 
 
 def _batch_dim(session: OnnxModel, name: str) -> int | None:
@@ -201,12 +205,13 @@ def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
     drawer = _Prompts(text, tokens, latents.names, cfg)
     # Before the UNet loads (a jacobian's J is transient); a dynamic-batch text encoder takes 16 rows a call.
     draws = [drawer.draw_template(i) for i in range(min(cfg.prior_prompts, len(drawer.templates)))]
-    prior = priors.build(cfg.directions, text, cfg.prior_words, cfg.prior_mix, draws, v0,
-                         text_rows if _batch_dim(text.session, "inputs_embeds") else 16, cfg.prior_power)
+    batch = text_rows if _batch_dim(text.session, "inputs_embeds") else 16
+    prior = priors.from_config(cfg, text, (draws, batch), v0)
     unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
     unet_rows = _rows(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     return _Run(model, text, unet, latents, drawer, tokens, v0,
-                model.alphas_cumprod(), res, unet_rows, text_rows, prior)
+                model.alphas_cumprod(), res, unet_rows, text_rows, prior, (draws, batch))
+
 
 
 def _losses(run: _Run, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
@@ -346,11 +351,14 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
     C, h = run.latents.mean.shape[2], run.latents.mean.shape[3]
     sample = np.empty((run.unet_rows, C, h, run.latents.mean.shape[4]), np.float32)
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.token}", unit="step", disable=not cfg.progress)
-    ema, timing = None, []
+    ema, timing, first = None, [], state.step + 1
     with open(out / "log.jsonl", "a", encoding="utf-8") as log:
         while state.step < cfg.steps:
             t0 = time.perf_counter()
             step = state.step + 1
+            at = priors.anchor(state, step, cfg.prior_refresh, first, cfg.tau) if cfg.prior_refresh else None
+            if at is not None:                                    # J^T J at the current v (TE passes only)
+                run.prior = priors.from_config(cfg, run.text, run.prior_args, at.reshape(k, d))
             prompt, base, rows, t, x_t, target = _draw(run, cfg, cfg.seed, step)   # 1-3: shared by all passes
             # 4-5. Losses at v (and v + mu z_i): placeholder rows replaced in every pass.
             zo.query_points(state.v, cfg.seed, step, zcfg, out=pts, prior=run.prior, guide=state.m)

@@ -45,7 +45,9 @@ class ZOConfig:
     # g^2 over the D coordinates, so the step keeps the estimate's direction (a direction prior's shape
     # survives instead of every coordinate being rescaled to a step of ~lr).
     normalize: str = "coordinate"
-    eps: float = 1e-3                # large on purpose: damps steps where the ZO second moment is tiny
+    # Large on purpose: damps steps where the ZO second moment is tiny. On the toy world sqrt(s) ~ 4e-4 < eps,
+    # so ZO-Adam acts as momentum SGD with lr / ~1.4e-3: the estimate's scale (n, a prior) sets the step.
+    eps: float = 1e-3
     # gaussian: z ~ N(0, I) (the reference). orthogonal: sweeps of a seeded random orthonormal basis
     # scaled to |z|^2 = D, so D/n consecutive steps probe every direction once (lower-variance sums).
     # vocab: z ~ N(0, S), S the token table's covariance (see prior_sqrt), so queries favour the
@@ -156,12 +158,21 @@ def prior_sqrt(rows: np.ndarray, mix: float, power: float = 1.0) -> np.ndarray:
     return prior_from_moment(cov, mix, power)
 
 
-def prior_from_moment(moment: np.ndarray, mix: float, power: float = 1.0) -> np.ndarray:
+def prior_from_moment(moment: np.ndarray, mix: float, power: float = 1.0, rank: int = 0) -> np.ndarray:
     """(d, d) symmetric A with A A = S^power scaled to trace d, S = (1 - mix) M + mix I, M the (d, d) PSD
     `moment` scaled to trace d. power -1 with M = J^T J: z ~ N(0, S^-1), so E[g] = S^-1 grad, a
-    Gauss-Newton step through the text encoder (flat directions of J get the queries, stiff ones few)."""
+    Gauss-Newton step through the text encoder (flat directions of J get the queries, stiff ones few).
+
+    rank k > 0: A A = P_k + mix (I - P_k), P_k the projector on M's top-k eigen-directions: every one of
+    them equally (no ill-conditioning from M's spread), trace k + mix (d - k), the span estimate() divides by.
+    """
     if not 0 <= mix <= 1:
         raise ValueError(f"prior mix must be in [0, 1], got {mix}")
+    if rank > 0:
+        _, v = np.linalg.eigh(moment)
+        w = np.full(moment.shape[0], mix)
+        w[-rank:] = 1.0                                   # eigh sorts ascending: the last k are the top k
+        return ((v * np.sqrt(w)) @ v.T).astype(np.float32)
     if power != 1 and mix == 0:
         raise ValueError("a prior power other than 1 needs prior mix > 0 (M is singular)")
     d = moment.shape[0]
@@ -206,7 +217,11 @@ def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig,
     g = np.zeros(size, np.float64)
     for i, c in enumerate(coeffs):
         g += c * direction(seed, step, i, size, cfg, prior, guide)
-    return (g / (n * np.sqrt((size - projected + n - 1) / n))).astype(np.float32)
+    # span: E|z|^2, the dims the queries spread over (D; a rank-k prior: k + mix (D - k) per vector), of
+    # which the subspace projection takes its share projected / D
+    span = size - projected if prior is None else \
+        round(float(np.sum(prior * prior)) * size / prior.shape[0], 3) * (1 - projected / size)
+    return (g / (n * np.sqrt((span + n - 1) / n))).astype(np.float32)
 
 
 def subspace_basis(history: np.ndarray, nu: float, cap: float = 1.0) -> np.ndarray:

@@ -12,7 +12,7 @@ DEFAULTS = dict(queries=2, mu=1e-3, tau=128, nu=1e-3, t_range=(500, 900), lr=5e-
                 estimator="rge", templates="object", seed=0, unet_batch="single", save_every=500, sample_every=0,
                 latent="sample", directions="gaussian", betas=(0.9, 0.999), subspace_cap=0.17, prior_mix=0.1,
                 lr_schedule="constant", lr_final=0.1, average=0.0, prior_prompts=4, guide_share=0.5,
-                normalize="coordinate", prior_power=1.0)
+                normalize="coordinate", prior_power=1.0, prior_rank=0, prior_refresh=0)
 
 
 def train_options(fn):
@@ -58,6 +58,12 @@ def train_options(fn):
         click.option("--prior-power", type=float, default=d["prior_power"], show_default=True,
                      help="vocab/jacobian directions: z ~ N(0, S^power); -1 with jacobian = Gauss-Newton (queries "
                      "where the text encoder is flat)."),
+        click.option("--prior-rank", type=int, default=d["prior_rank"], show_default=True,
+                     help="vocab/jacobian directions: k > 0 spreads queries evenly over S's top-k directions "
+                     "(--prior-mix of the rest); 0: z ~ N(0, S^power)."),
+        click.option("--prior-refresh", type=int, default=d["prior_refresh"], show_default=True,
+                     help="jacobian directions: rebuild J^T J at the current vector every this many steps "
+                     "(<= --tau; text-encoder passes only); 0: at the start only."),
         click.option("--guide-share", type=float, default=d["guide_share"], show_default=True,
                      help="guided directions: share of each query's energy along the momentum."),
         click.option("--normalize", type=click.Choice(["coordinate", "global"]), default=d["normalize"],
@@ -96,7 +102,7 @@ def _config(kw: dict):
         lr_schedule=kw["lr_schedule"], lr_final=kw["lr_final"], average=kw["average"],
         prior_words=str(kw["prior_words"]) if kw["prior_words"] else None, prior_mix=kw["prior_mix"],
         prior_prompts=kw["prior_prompts"], prior_power=kw["prior_power"], guide_share=kw["guide_share"],
-        normalize=kw["normalize"],
+        normalize=kw["normalize"], prior_rank=kw["prior_rank"], prior_refresh=kw["prior_refresh"],
         captions=str(kw["captions"]) if kw["captions"] else None, seed=kw["seed"], resolution=kw["resolution"],
         latent=kw["latent"], unet_batch=kw["unet_batch"], provider=kw["provider"],
         provider_options=tuple(parse_options(kw["provider_options"]).items()), save_every=kw["save_every"],
