@@ -100,8 +100,14 @@ def table(pooled: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] = ("zoodip", REFERENCE)) -> Path | None:
-    """Pooled concept fidelity against forward passes, with TI's final level, its 90% and the pass goal."""
+def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] | None = None) -> Path | None:
+    """Pooled concept fidelity against forward passes, with TI's final level, its 90% and the pass goal.
+
+    methods: default every method with a curve over as many units as the reference (no one-draw variants).
+    """
+    full = pooled["methods"].get(REFERENCE, {}).get("units")
+    methods = methods or tuple(m for m, s in pooled["methods"].items()
+                               if s.get("units") == full and len(s.get("curve") or []) > 1)
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -369,4 +369,6 @@ def test_refreshed_jacobian_subspace_resumes_exactly(tiny_exported, images, tmp_
     fixed = T.train(tiny_exported, images, tmp_path / "v0", replace(cfg, prior_refresh=0))
     assert not np.array_equal(load_file(str(ref))["sks"], load_file(str(fixed))["sks"])   # the refresh acted
     with pytest.raises(ValueError, match="prior-refresh"):
-        quick(prior_refresh=5)                                                      # > tau: not in the history
+        quick(directions="jacobian", prior_refresh=5)                               # > tau: not in the history
+    with pytest.raises(ValueError, match="with --directions jacobian"):
+        quick(prior_refresh=3)

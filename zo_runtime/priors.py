@@ -86,6 +86,19 @@ def build(directions: str, text: TextEncoder, words: str | None, mix: float, pro
     return None
 
 
+def check(cfg) -> None:
+    """ValueError naming the option when a TrainConfig's prior settings cannot work together."""
+    if not 0 <= cfg.prior_mix <= 1:
+        raise ValueError(f"--prior-mix must be in [0, 1], got {cfg.prior_mix}")
+    if cfg.prior_prompts < 1 or cfg.prior_rank < 0 or not 0 <= cfg.prior_refresh <= cfg.tau:
+        raise ValueError(f"need --prior-prompts >= 1, --prior-rank >= 0, 0 <= --prior-refresh <= --tau (a resume "
+                         f"rebuilds from the tau-step history); got {cfg.prior_prompts}, {cfg.prior_rank}, "
+                         f"{cfg.prior_refresh}")
+    if cfg.prior_refresh and cfg.directions != "jacobian":
+        raise ValueError(f"--prior-refresh rebuilds a jacobian prior: use it with --directions jacobian "
+                         f"(got {cfg.directions})")
+
+
 def from_config(cfg, text: TextEncoder, args: tuple, v: np.ndarray) -> np.ndarray | None:
     """build() with a TrainConfig's prior settings; args = (prompts, batch) kept by the run."""
     return build(cfg.directions, text, cfg.prior_words, cfg.prior_mix, args[0], v, args[1], cfg.prior_power,

@@ -93,11 +93,7 @@ class TrainConfig:
         if not self.token.strip() or " " in self.token:
             raise ValueError(f"--token must be one word such as 'sks', got {self.token!r}")
         prompts.templates(self.templates)
-        if not 0 <= self.prior_mix <= 1:
-            raise ValueError(f"--prior-mix must be in [0, 1], got {self.prior_mix}")
-        if self.prior_prompts < 1 or self.prior_rank < 0 or not 0 <= self.prior_refresh <= self.tau:
-            raise ValueError(f"need --prior-prompts >= 1, --prior-rank >= 0, 0 <= --prior-refresh <= --tau; got "
-                             f"{self.prior_prompts}, {self.prior_rank}, {self.prior_refresh}")
+        priors.check(self)
         if self.latent not in ("sample", "mean"):
             raise ValueError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
         if self.unet_batch not in ("batch", "single"):
