@@ -34,7 +34,6 @@ ZO_METHODS = {
     "zoodip_vocab": ("w8", {"directions": "vocab", "prior_mix": 0.5}, "zoodip, vocab directions"),
     # directions from the text encoder's J^T J at v0 (priors.jacobian_prior), 10% isotropic
     "zoodip_jac": ("w8", {"directions": "jacobian", "prior_mix": 0.1}, "zoodip, jacobian directions"),
-    # half of each query's energy along the Adam momentum (guided ES)
     # Gauss-Newton through the text encoder: z ~ N(0, S^-1), S = J^T J at v0 mixed with 10% identity, so the
     # flat directions get the queries (the hypothesis: the concept lies where the encoder responds least;
     # bench.toy_split then found zoodip's displacement 2.5-4x denser than isotropic in the top 16 directions)
@@ -47,6 +46,7 @@ ZO_METHODS = {
     "zoodip_jsub": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125},
                     "zoodip, jacobian top-16 subspace, refreshed"),
     "zoodip_jsub0": ("w8", {"directions": "jacobian", "prior_rank": 16}, "zoodip, jacobian top-16 subspace at v0"),
+    # half of each query's energy along the Adam momentum (guided ES)
     "zoodip_guided": ("w8", {"directions": "guided"}, "zoodip, momentum-guided directions"),
     # one Adam second moment for all coordinates: keeps the direction (and a prior's shape) of each step
     "zoodip_global": ("w8", {"normalize": "global"}, "zoodip, global Adam normalisation"),
@@ -59,16 +59,16 @@ ZO_METHODS = {
     "zoodip_q8": ("w8", {"queries": 8, "unet_batch": "batch"}, "zoodip, 8 queries batched"),   # 9 passes, 1 call
     "zoodip_q1": ("w8", {"queries": 1}, "zoodip, 1 query"),     # 2 passes a step, more data draws per pass
     "zoodip_lr5e2": ("w8", {"lr": 0.05}, "zoodip, lr 5e-2"),    # 2.5x the benchmark's lr
+    # n queries batched in one call, lr scaled so the drift per pass matches n = 2 at lr 2e-2 (an estimate's
+    # signal grows as sqrt(n); ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift the
+    # walk's variance per pass is 2 (n + 1) / (3 n) of n = 2's: 0.75 at n = 8, 0.71 at n = 16
+    "zoodip_q8_eq": ("w8", {"queries": 8, "unet_batch": "batch", "lr": 0.03},
+                     "zoodip, 8 queries batched, lr 3e-2, same passes"),
+    "zoodip_q16_eq": ("w8", {"queries": 16, "unet_batch": "batch", "lr": 0.04},
+                      "zoodip, 16 queries batched, lr 4e-2, same passes"),
 }
 # Scored at the same forward passes as zoodip (3 a step) rather than the same steps: eval_at * 3 / passes.
-# n queries batched in one call with lr scaled so the drift per pass matches n = 2 at lr 2e-2 (the signal of
-# an estimate grows as sqrt(n), ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift
-# the walk's variance per pass is 2 (n + 1) / (3 n) of n = 2's: 0.75 at n = 8, 0.71 at n = 16.
 PASS_BUDGET = {"zoodip_q8_eq", "zoodip_q16_eq"}
-ZO_METHODS["zoodip_q8_eq"] = ("w8", {"queries": 8, "unet_batch": "batch", "lr": 0.03},
-                              "zoodip, 8 queries batched, lr 3e-2, same passes")
-ZO_METHODS["zoodip_q16_eq"] = ("w8", {"queries": 16, "unet_batch": "batch", "lr": 0.04},
-                               "zoodip, 16 queries batched, lr 4e-2, same passes")
 OTHER_LABELS = {"backprop_ti": "backprop TI (torch)", "init_only": "init word only",
                 "oracle_prompt": "concept in words"}
 METHODS = (*ZO_METHODS, *OTHER_LABELS)
