@@ -209,7 +209,6 @@ def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
                 model.alphas_cumprod(), res, unet_rows, text_rows, prior, (draws, batch))
 
 
-
 def _losses(run: _Run, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
             sample: np.ndarray) -> np.ndarray:
     """(P,) float64 MSE of every pass: text encoder then UNet, batched or one by one."""

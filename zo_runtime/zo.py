@@ -178,8 +178,11 @@ def prior_from_moment(moment: np.ndarray, mix: float, power: float = 1.0, rank: 
     d = moment.shape[0]
     moment = moment * (d / np.trace(moment) if np.trace(moment) > 0 else 0.0)
     w, v = np.linalg.eigh((1 - mix) * moment + mix * np.eye(d))
-    w = np.clip(w, 0, None) ** power if power == 1 else np.clip(w, mix, None) ** power
-    w *= d / w.sum()
+    if power == 1:                                        # trace is d already
+        w = np.clip(w, 0, None)
+    else:
+        w = np.clip(w, mix, None) ** power
+        w *= d / w.sum()
     return ((v * np.sqrt(w)) @ v.T).astype(np.float32)
 
 
