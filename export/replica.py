@@ -13,11 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from zo_runtime.assets import CLIP_BPE
+
 from ._fs import umask_modes
 
-# The real CLIP BPE (vocab.json + merges.txt) shipped with the workspace; SD 1.x and 2.x share it.
-TOKENIZER_DIR = Path(os.environ.get("ZOODIP_CLIP_TOKENIZER", Path(__file__).resolve().parents[1].parent
-                                    / "shared" / "tokenizers" / "clip-bpe-49408"))
+# The real CLIP BPE (vocab.json + merges.txt) shipped with zoodip; SD 1.x and 2.x share it.
+TOKENIZER_DIR = Path(os.environ.get("ZOODIP_CLIP_TOKENIZER", CLIP_BPE))
 KINDS = ("sd15", "sd21", "tiny", "tiny-v")
 
 _SD_BLOCKS = dict(

@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SCHEME=${1:-w8}
 WORK=${ZOODIP_OPENVINO_WORK:-runs/openvino-check}
-PHOTOS=${ZOODIP_OPENVINO_PHOTOS:-../shared/datasets/dreambooth/dog}
+PHOTOS=${ZOODIP_OPENVINO_PHOTOS:-$WORK/photos}
 mkdir -p "$WORK"
 [ -x .venv-openvino/bin/python ] || bash scripts/setup_openvino.sh
 . .venv/bin/activate
+# Default photos: procedural toy-world scenes (nothing outside the repository is needed).
+[ -d "$PHOTOS" ] || python -m models.toyworld.concept "$PHOTOS" --index 0 >/dev/null
 python - "$WORK" "$PHOTOS" "$SCHEME" <<'PY'
 import sys
 from pathlib import Path

@@ -2,7 +2,8 @@
 
 Built once per test session from configs (no network): tiny = SD 1.x style (epsilon, pad <|endoftext|>),
 tiny_v = SD 2.x style (gelu text encoder, linear projections, v-prediction, pad "!"); both use the real
-CLIP BPE tokenizer in ../shared/tokenizers/clip-bpe-49408. Latents 16x16 (32 px images), d = 32.
+CLIP BPE tokenizer zoodip ships (zo_runtime/assets/clip-bpe). Latents 16x16 (32 px images), d = 32.
+`photos`: procedural photos (toy-world scenes) so no test needs anything outside the repository.
 """
 from __future__ import annotations
 
@@ -35,3 +36,22 @@ def tiny_v_exported(tiny_v_diffusers, tmp_path_factory):
     """Path of the zoodip ONNX export of tiny_v_diffusers."""
     from export.onnx_export import export_model
     return export_model(tiny_v_diffusers, tmp_path_factory.mktemp("tiny_v_onnx") / "model")
+
+
+# (width, height) of the procedural photos: odd sizes and aspect ratios exercise resizing and cropping.
+PHOTO_SIZES = ((96, 80), (64, 64), (120, 72), (72, 128), (100, 100), (80, 96))
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """A folder `dog/` of 6 procedural photos (toy-world scenes upscaled to odd sizes); `dog` is the name the
+    DreamBooth class lookup keys on. Calibration takes the first 4, held-out gates the rest."""
+    from PIL import Image
+
+    from models.toyworld import world
+    folder = tmp_path_factory.mktemp("photos") / "dog"
+    folder.mkdir()
+    images, _ = world.make_dataset(len(PHOTO_SIZES), seed=7)
+    for i, (img, size) in enumerate(zip(images, PHOTO_SIZES)):
+        Image.fromarray(img).resize(size, Image.Resampling.BICUBIC).save(folder / f"{i:02d}.png")
+    return folder

@@ -9,12 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from zo_runtime import evaluate as ev
+from zo_runtime.assets import CLIP_BPE, DREAMBOOTH_PROMPTS
 from zo_runtime.embeds import save_learned_embeds
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PROMPTS = SHARED / "datasets" / "dreambooth" / "prompts_and_classes.txt"
-PHOTOS = SHARED / "datasets" / "dreambooth" / "dog"
-TOKENIZER = SHARED / "tokenizers" / "clip-bpe-49408"
+PROMPTS = DREAMBOOTH_PROMPTS
+TOKENIZER = CLIP_BPE
 # ONNX vs torch on the same preprocessed inputs (float32 kernels differ in summation order).
 EMBED_ATOL = 1e-4
 # Metric values vs the numpy reference formulas on the same embeddings.
@@ -52,29 +51,29 @@ def tiny_metrics(tiny_metric_sources, tmp_path_factory):
                                 str(tiny_metric_sources / "dino"))
 
 
-def _photos(n=3):
-    return ev.load_photos(PHOTOS)[:n]
+def _photos(folder, n=3):
+    return ev.load_photos(folder)[:n]
 
 
-def test_prompts_file_parsed_as_dreambooth():
+def test_prompts_file_parsed_as_dreambooth(photos):
     classes, lists = ev.parse_prompts_file(PROMPTS)
     assert len(classes) == 30 and classes["dog"] == "dog" and classes["bear_plushie"] == "stuffed animal"
     assert len(lists["object"]) == 25 and len(lists["live"]) == 25
     assert ev.ti_prompt(lists["live"][10], "<sks>") == "a <sks> wearing a red hat"
     assert ev.class_prompt(lists["object"][0], "backpack") == "a backpack in the jungle"
     cfg = ev.EvaluateConfig(prompts_file=str(PROMPTS))
-    word, kind, templates = ev.subject_prompts(PHOTOS, cfg)
+    word, kind, templates = ev.subject_prompts(photos, cfg)
     assert (word, kind, len(templates)) == ("dog", "live", 25)
-    assert ev.subject_prompts(PHOTOS.parent / "teapot", cfg)[1] == "object"
+    assert ev.subject_prompts(photos.parent / "teapot", cfg)[1] == "object"
     with pytest.raises(ValueError, match="--class-word"):
         ev.subject_prompts(Path("/tmp/unknown_subject"), cfg)
 
 
-def test_preprocess_matches_transformers_clip_processor():
+def test_preprocess_matches_transformers_clip_processor(photos):
     from transformers import CLIPImageProcessor
-    photos = _photos(2) + [np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8)]
-    ours = ev.preprocess(photos, 224, 224, ev_mean(), ev_std())
-    ref = CLIPImageProcessor()(images=photos, return_tensors="np")["pixel_values"]
+    images = _photos(photos, 2) + [np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8)]
+    ours = ev.preprocess(images, 224, 224, ev_mean(), ev_std())
+    ref = CLIPImageProcessor()(images=images, return_tensors="np")["pixel_values"]
     assert ours.shape == ref.shape == (3, 3, 224, 224)
     assert np.abs(ours - ref).max() < 1e-5
 
@@ -89,14 +88,14 @@ def ev_std():
     return CLIP_STD
 
 
-def test_exported_metric_models_match_torch(tiny_metrics, tiny_metric_sources):
+def test_exported_metric_models_match_torch(tiny_metrics, tiny_metric_sources, photos):
     import torch
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
     scorer = ev.DreamBoothScorer(tiny_metrics, provider="cpu")
-    photos = _photos()
+    images = _photos(photos)
     clip = CLIPModel.from_pretrained(tiny_metric_sources / "clip").eval()
     with torch.no_grad():
-        x = torch.from_numpy(ev.preprocess(photos, 32, 32, ev_mean(), ev_std()))
+        x = torch.from_numpy(ev.preprocess(images, 32, 32, ev_mean(), ev_std()))
         want = torch.nn.functional.normalize(clip.get_image_features(pixel_values=x), dim=-1).numpy()
         texts = ["a dog in the jungle", "a red dog"]
         ids = CLIPTokenizer.from_pretrained(tiny_metric_sources / "clip")(texts, padding="max_length",
@@ -106,14 +105,14 @@ def test_exported_metric_models_match_torch(tiny_metrics, tiny_metric_sources):
         dino = ViTModel.from_pretrained(tiny_metric_sources / "dino").eval()
         c = scorer.dino_cfg
         want_d = dino(pixel_values=torch.from_numpy(
-            ev.preprocess(photos, c["resize"], c["crop"], c["mean"], c["std"]))).last_hidden_state[:, 0].numpy()
-    assert np.abs(scorer.embed_clip(photos) - want).max() < EMBED_ATOL
+            ev.preprocess(images, c["resize"], c["crop"], c["mean"], c["std"]))).last_hidden_state[:, 0].numpy()
+    assert np.abs(scorer.embed_clip(images) - want).max() < EMBED_ATOL
     assert np.abs(scorer.embed_text(texts) - want_t).max() < EMBED_ATOL
-    assert np.abs(scorer.embed_dino(photos) - want_d).max() < EMBED_ATOL
-    assert np.allclose(np.linalg.norm(scorer.embed_clip(photos), axis=1), 1, atol=1e-5)
+    assert np.abs(scorer.embed_dino(images) - want_d).max() < EMBED_ATOL
+    assert np.allclose(np.linalg.norm(scorer.embed_clip(images), axis=1), 1, atol=1e-5)
 
 
-def test_dinov2_export_matches_torch(tiny_metric_sources, tmp_path):
+def test_dinov2_export_matches_torch(tiny_metric_sources, tmp_path, photos):
     import torch
     from transformers import Dinov2Model
     from export.metrics_export import export_dino
@@ -121,7 +120,7 @@ def test_dinov2_export_matches_torch(tiny_metric_sources, tmp_path):
     cfg = json.loads((tmp_path / "dino" / "preprocess.json").read_text())
     assert cfg["crop"] == 28 and cfg["mean"][0] == 0.485
     import onnxruntime as ort
-    x = ev.preprocess(_photos(2), cfg["resize"], cfg["crop"], cfg["mean"], cfg["std"])
+    x = ev.preprocess(_photos(photos, 2), cfg["resize"], cfg["crop"], cfg["mean"], cfg["std"])
     got = ort.InferenceSession(str(tmp_path / "dino" / "model.onnx")).run(None, {"pixel_values": x})[0]
     with torch.no_grad():
         want = Dinov2Model.from_pretrained(tiny_metric_sources / "dinov2")(
@@ -129,9 +128,9 @@ def test_dinov2_export_matches_torch(tiny_metric_sources, tmp_path):
     assert np.abs(got - want).max() < EMBED_ATOL
 
 
-def test_scores_match_numpy_reference_formulas(tiny_metrics):
+def test_scores_match_numpy_reference_formulas(tiny_metrics, photos):
     scorer = ev.DreamBoothScorer(tiny_metrics, provider="cpu")
-    real, gen = _photos(3), [np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8) for i in range(2)]
+    real, gen = _photos(photos, 3), [np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8) for i in range(2)]
     scorer.set_reference(real)
     got = scorer.score(gen, "a dog in the jungle")
     cos = lambda a, b: float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
@@ -147,11 +146,11 @@ def test_scores_match_numpy_reference_formulas(tiny_metrics):
     assert abs(scorer.score(gen[:1] * 2, "x")["dino"] - np.mean([cos(gd[0], r) for r in gd])) < METRIC_ATOL
 
 
-def test_evaluate_end_to_end_and_reuse(tiny_exported, tiny_metrics, tmp_path):
+def test_evaluate_end_to_end_and_reuse(tiny_exported, tiny_metrics, tmp_path, photos):
     dim = json.loads((tiny_exported / "manifest.json").read_text())["embedding_dim"]
     embeds = save_learned_embeds(tmp_path / "e.safetensors", "<sks>", np.ones((1, dim), np.float32) * 0.1)
     subject = tmp_path / "dog"
-    shutil.copytree(PHOTOS, subject)
+    shutil.copytree(photos, subject)
     cfg = ev.EvaluateConfig(per_prompt=2, num_prompts=2, steps=2, prompts_file=str(PROMPTS), provider="cpu")
     path = ev.evaluate(tiny_exported, embeds, subject, tiny_metrics, tmp_path / "out", cfg)
     res = json.loads(path.read_text())
@@ -196,24 +195,24 @@ def brightness_scorer(metrics_dir, provider, options):
     return Brightness()
 
 
-def test_scorer_is_pluggable(tiny_exported, tmp_path):
+def test_scorer_is_pluggable(tiny_exported, tmp_path, photos):
     dim = json.loads((tiny_exported / "manifest.json").read_text())["embedding_dim"]
     embeds = save_learned_embeds(tmp_path / "e.safetensors", "<t>", np.zeros((1, dim), np.float32))
     cfg = ev.EvaluateConfig(per_prompt=1, steps=1, provider="cpu")
-    res = json.loads(ev.evaluate(tiny_exported, embeds, PHOTOS, None, tmp_path / "o", cfg, scorer=Brightness(),
+    res = json.loads(ev.evaluate(tiny_exported, embeds, photos, None, tmp_path / "o", cfg, scorer=Brightness(),
                                  templates=["a {0} {1} on a red background"], class_word="star").read_text())
     assert list(res["overall"]) == ["brightness"] and res["per_prompt"][0]["text"] == "a star on a red background"
     # the same through the command: --scorer module:factory and --templates FILE
     from zo_runtime.cli import main
     (tmp_path / "t.txt").write_text("# toy prompts\na {0} {1} on a red background\n{0} on a blue background\n")
-    r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(PHOTOS),
+    r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(photos),
                                   "--scorer", "test_evaluate:brightness_scorer", "--templates", str(tmp_path / "t.txt"),
                                   "--class-word", "star", "--out", str(tmp_path / "c"), "-k", "1", "--steps", "1",
                                   "--provider", "cpu"])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "c" / "results.json").read_text())
     assert [p["prompt"] for p in res["per_prompt"]] == ["a <t> on a red background", "<t> on a blue background"]
-    r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(PHOTOS),
+    r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(photos),
                                   "--scorer", "nope:x", "--out", str(tmp_path / "d")])
     assert r.exit_code == 1 and "cannot be loaded" in r.output
 

@@ -166,11 +166,11 @@ def test_static_batch_model_runs_guidance_in_chunks(tiny_exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_quantized_static_model_generates_close_to_fp32(tiny_exported, tmp_path):
+def test_quantized_static_model_generates_close_to_fp32(tiny_exported, tmp_path, photos):
     from export.quantize import QuantizeConfig, quantize_model
     q = quantize_model(tiny_exported, tmp_path / "w8", QuantizeConfig(
         scheme="w8", target="npu-static", gate=False, calib_samples=2, text_samples=2, gate_samples=1,
-        zo_directions=8, calib_images=str(Path(__file__).resolve().parents[2] / "shared/datasets/dreambooth/dog")))
+        zo_directions=8, calib_images=str(photos)))
     embeds = _embeds(tmp_path / "e.safetensors", _dim(tiny_exported))
     cfg = GenerateConfig(n=2, steps=4, progress=False)
     got = Generator(q, [embeds], provider="cpu").sample(PROMPT, cfg)

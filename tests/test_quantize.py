@@ -10,27 +10,13 @@ import pytest
 from export import gates as gt
 from export.calibration import calibration_feeds, real_inputs, stream_minmax
 from export.quantize import QuantizeConfig, quantize_model
+from zo_runtime.assets import DREAMBOOTH_PROMPTS
 from zo_runtime.model_dir import ModelDir
 from zo_runtime.session import OnnxModel
 from zo_runtime.text import TextEncoder
 
-DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
 # Small but real: few samples and directions keep the file fast; the README numbers use the defaults.
 FAST = dict(calib_samples=4, text_samples=4, gate_samples=2, zo_directions=8)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Six real DreamBooth photos, resized to 64 px (calibration 4, held out 2)."""
-    from PIL import Image
-    if not DREAMBOOTH.is_dir():
-        pytest.skip(f"{DREAMBOOTH} is missing (the shared DreamBooth photos)")
-    out = tmp_path_factory.mktemp("photos")
-    files = sorted((DREAMBOOTH / "dog").glob("*.jpg"))[:3] + sorted((DREAMBOOTH / "cat").glob("*.jpg"))[:3]
-    for i, f in enumerate(files):
-        with Image.open(f) as im:
-            im.convert("RGB").resize((64, 64)).save(out / f"{i:02d}.png")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +177,7 @@ def test_streaming_ranges_equal_onnxruntime_minmax(tiny_exported, photos, tmp_pa
 
 def test_dreambooth_prompt_file_parses():
     from export.calibration import read_dreambooth_prompts
-    path = DREAMBOOTH / "prompts_and_classes.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    prompts = read_dreambooth_prompts(path)
+    prompts = read_dreambooth_prompts(DREAMBOOTH_PROMPTS)
     assert "a {0} {1} in the jungle" in prompts and len(prompts) >= 25
 
 

@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zo_runtime.assets import CLIP_BPE
 from zo_runtime.tokenizer import ClipTokenizer
 
-BPE = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "clip-bpe-49408"
+BPE = CLIP_BPE
 PROMPTS = ["a photo of a dog", "A  Photo of, dogs! 123 café", "a red striped star on a blue background",
            "it's the dog's toy -- 3.5 times", "word " * 90]
 

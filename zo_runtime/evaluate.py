@@ -18,14 +18,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import images as im
+from .assets import DREAMBOOTH_PROMPTS
 from .generate import GenerateConfig, Generator
 from .io_utils import atomic_write_json
 from .session import OnnxModel
 from .tokenizer import EOS, ClipTokenizer
 
-# The shared dataset beside the repository (../shared from the repo root); elsewhere pass --prompts-file.
-DEFAULT_PROMPTS_FILE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth" / \
-    "prompts_and_classes.txt"
+# DreamBooth's prompt lists, shipped with zoodip (zo_runtime/assets); --prompts-file overrides.
+DEFAULT_PROMPTS_FILE = DREAMBOOTH_PROMPTS
 LIVE_CLASSES = ("dog", "cat")        # DreamBooth's live subjects are its dogs and cats
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 THUMB = 128                          # contact-sheet cell size in pixels

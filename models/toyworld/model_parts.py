@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "clip-bpe-49408"
+from zo_runtime.assets import CLIP_BPE
+
+TOKENIZER_DIR = CLIP_BPE   # the tokenizer zoodip ships
 SCHEDULE = dict(  # SD 1.x training schedule, so export/quantize/ZO code paths match SD 1.5
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", clip_sample=False)
