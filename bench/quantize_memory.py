@@ -22,7 +22,7 @@ GOAL_GB = 12.0    # export + quantize must fit a 16 GB laptop (issue goal)
 
 def _zoodip(*args: str) -> list[str]:
     # The console script's module, so the venv's interpreter runs it even without PATH.
-    return [sys.executable, "-c", "from zo_runtime.cli import main; main()", *args]
+    return [sys.executable, "-c", "from zoodip.cli import main; main()", *args]
 
 
 def stages(base: Path, schemes: list[str], calib: Path, replica_kind: str) -> list[tuple[str, Path, list[str]]]:

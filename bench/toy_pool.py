@@ -20,7 +20,7 @@ import numpy as np
 from zo_runtime.io_utils import atomic_write_text
 
 from . import common
-from .toy_method import METHODS, ZO_METHODS, label
+from .toy_method import REPORTED, is_zo, label
 
 REFERENCE = "backprop_ti"
 RESAMPLES = 10_000     # bootstrap draws: the interval's ends move by < 0.01 between seeds at this count
@@ -59,7 +59,7 @@ def ratio_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[fl
 def pool(results: list[dict]) -> dict:
     """Per method: units, pooled mean, and (when the reference ran on the same units) ratio and interval."""
     rows = units(results)
-    methods = [m for m in METHODS if any(m in r for r in rows)]
+    methods = [m for m in REPORTED if any(m in r for r in rows)]
     out = {}
     for m in methods:
         both = [r for r in rows if m in r and REFERENCE in r]
@@ -74,7 +74,7 @@ def pool(results: list[dict]) -> dict:
         s["curve"] = pooled_curve(rows, m)
         out[m] = s
     for m, s in out.items():            # passes to 90% of TI's final on the same runs, on the pooled curve
-        if "reference_fidelity" in s and m in ZO_METHODS:
+        if "reference_fidelity" in s and is_zo(m):
             target = 0.9 * s["reference_fidelity"]
             s["passes_to_90pct_ti"] = next((p for p, f in s["curve"] or [] if f >= target), None)
     return {"draws": [r["config"]["seed"] for r in results], "steps": sorted({r["config"]["steps"] for r in results}),

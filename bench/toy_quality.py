@@ -34,7 +34,7 @@ DEFAULT_ZO = {"lr": 2e-2}
 
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-c", "from zo_runtime.cli import main; main()", *map(str, args)]
+    return [sys.executable, "-c", "from zoodip.cli import main; main()", *map(str, args)]
 
 
 def prepare_models(work: Path, log: Path) -> dict[str, str]:

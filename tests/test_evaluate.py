@@ -165,7 +165,7 @@ def test_evaluate_end_to_end_and_reuse(tiny_exported, tiny_metrics, tmp_path, ph
     again = json.loads(ev.evaluate(tiny_exported, embeds, subject, tiny_metrics, tmp_path / "out", cfg).read_text())
     assert (tmp_path / "out" / "images" / "00_0.png").stat().st_mtime_ns == first      # images reused
     assert again["overall"] == pytest.approx(res["overall"], abs=1e-6)
-    from zo_runtime.cli import main
+    from zoodip.cli import main
     r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(subject),
                                   "--metrics", str(tiny_metrics), "--out", str(tmp_path / "out"), "-k", "2",
                                   "--prompts", "2", "--steps", "2", "--prompts-file", str(PROMPTS), "--provider", "cpu"])
@@ -203,7 +203,7 @@ def test_scorer_is_pluggable(tiny_exported, tmp_path, photos):
                                  templates=["a {0} {1} on a red background"], class_word="star").read_text())
     assert list(res["overall"]) == ["brightness"] and res["per_prompt"][0]["text"] == "a star on a red background"
     # the same through the command: --scorer module:factory and --templates FILE
-    from zo_runtime.cli import main
+    from zoodip.cli import main
     (tmp_path / "t.txt").write_text("# toy prompts\na {0} {1} on a red background\n{0} on a blue background\n")
     r = CliRunner().invoke(main, ["evaluate", str(tiny_exported), "--embeds", str(embeds), "--subject", str(photos),
                                   "--scorer", "test_evaluate:brightness_scorer", "--templates", str(tmp_path / "t.txt"),
@@ -218,7 +218,7 @@ def test_scorer_is_pluggable(tiny_exported, tmp_path, photos):
 
 
 def test_export_metrics_cli_reuses_and_rejects_wrong_models(tiny_metrics, tiny_metric_sources):
-    from zo_runtime.cli import main
+    from zoodip.cli import main
     r = CliRunner().invoke(main, ["export-metrics", str(tiny_metrics), "--clip", str(tiny_metric_sources / "clip"),
                                   "--dino", str(tiny_metric_sources / "dino")])
     assert r.exit_code == 0 and "reusing" in r.output

@@ -121,7 +121,7 @@ def test_exported_tokenizer_ids(tiny_exported, tiny_v_exported):
 def test_reuse_and_force(tmp_path, tiny_diffusers, tiny_exported):
     import shutil
     from click.testing import CliRunner
-    from zo_runtime.cli import main
+    from zoodip.cli import main
     out = shutil.copytree(tiny_exported, tmp_path / "onnx")
     mtime = (out / "unet" / "model.onnx").stat().st_mtime_ns
     res = CliRunner().invoke(main, ["export", str(tiny_diffusers), str(out)])
@@ -138,7 +138,7 @@ def test_reuse_and_force(tmp_path, tiny_diffusers, tiny_exported):
 
 def _cli_error(args) -> str:
     from click.testing import CliRunner
-    from zo_runtime.cli import main
+    from zoodip.cli import main
     res = CliRunner().invoke(main, args)
     assert res.exit_code != 0
     assert "Traceback" not in res.output and not isinstance(res.exception, (RuntimeError, AttributeError, KeyError))
@@ -197,7 +197,7 @@ def test_no_permission_and_no_disk(tmp_path, tiny_diffusers, monkeypatch):
 
 
 def test_cli_help_does_not_import_torch():
-    code = ("import sys\nfrom zo_runtime.cli import main\n"
+    code = ("import sys\nfrom zoodip.cli import main\n"
             "for args in (['--help'], ['export', '--help'], ['replica', '--help']):\n"
             "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
             "bad = [m for m in ('torch', 'diffusers', 'transformers', 'optimum') if m in sys.modules]\n"

@@ -224,7 +224,7 @@ generate({str(tiny_exported)!r}, [{str(embeds)!r}], {PROMPT!r}, {str(tmp_path / 
 
 
 def test_cli_generate_and_one_line_errors(tiny_exported, tmp_path):
-    from zo_runtime.cli import main
+    from zoodip.cli import main
     embeds = _embeds(tmp_path / "e.safetensors", _dim(tiny_exported))
     r = CliRunner().invoke(main, ["generate", str(tiny_exported), "--embeds", str(embeds), "--prompt", PROMPT,
                                   "--out", str(tmp_path / "o"), "-n", "2", "--steps", "2", "--provider", "cpu"])

@@ -41,7 +41,7 @@ def model() -> Path:
 
 
 def _zoodip(*args: str) -> None:
-    subprocess.run([sys.executable, "-c", "from zo_runtime.cli import main; main()", *args], check=True)
+    subprocess.run([sys.executable, "-c", "from zoodip.cli import main; main()", *args], check=True)
 
 
 def test_submodels_match_cpu_provider(model):

@@ -183,7 +183,7 @@ def test_dreambooth_prompt_file_parses():
 
 def test_cli_missing_images_is_one_line_error(tiny_exported, tmp_path):
     from click.testing import CliRunner
-    from zo_runtime.cli import main
+    from zoodip.cli import main
     result = CliRunner().invoke(main, ["quantize", str(tiny_exported), str(tmp_path / "q"),
                                        "--calib-images", str(tmp_path / "nope")])
     assert result.exit_code != 0 and "--calib-images" in result.output and "Traceback" not in result.output

@@ -1,44 +1,33 @@
-"""Direction priors for ZO queries: z ~ N(0, S) instead of N(0, I), S shaped to where the loss can move.
+"""Perturbation directions for the ZO queries: which kinds exist, and the Jacobian subspace.
 
-vocab: S = covariance of token rows (the directions in which words differ).
-jacobian: S = J^T J of the text encoder at v0, J = d(hidden states)/d(placeholder row) by finite
-differences (d + 1 text-encoder passes per prompt, no UNet pass). On the toy world the exact gradient
-puts 86-91% of its energy in the top 16 of 128 eigen-directions of J^T J, against 75% for the vocab
-covariance and 12.5% for an isotropic draw (bench/toy_grad_spectrum.py). Neither prior beat isotropic
-queries on the toy benchmark (README, time-to-quality), and neither did the inverse (--prior-power -1,
-Gauss-Newton through the text encoder): a trained token's displacement is 2.5-4x denser than isotropic
-in J^T J's top 16 directions, and that stiff part alone carries most of what it learned (bench/toy_split.py).
-What did beat isotropic queries: even weight over the top 16 (--prior-rank 16), J^T J rebuilt at the
-current vector every 125 steps (--prior-refresh 125).
-Both return the (d, d) symmetric square root that zo.direction applies (zo.prior_sqrt / prior_from_moment).
+gaussian: z ~ N(0, I) (the reference). jacobian: queries spread evenly over the top-k eigen-directions
+of the text encoder's J^T J at the current vector, plus `prior_mix` of the rest, with J^T J rebuilt
+every `prior_refresh` steps; J = d(hidden states)/d(placeholder row) by finite differences (d + 1
+text-encoder passes per prompt, no UNet pass). On the toy world the exact gradient puts 86-91% of its
+energy in the top 16 of 128 such directions (docs/research.md), and the refreshed top-16 subspace
+reached backprop TI's fidelity in 9,000 passes where isotropic queries needed 18,000.
+
+Other kinds plug in from outside (bench/) with `register(name, builder)`.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from . import zo
-from .text import TextEncoder
+
+if TYPE_CHECKING:                      # a type only: this module never imports onnxruntime
+    from .text import TextEncoder
+
+# prompts a Jacobian is summed over: [((77, d) token rows, [(r_j,) positions of vector j])], and the
+# text-encoder batch per call
+PromptRows = tuple[list[tuple[np.ndarray, list[np.ndarray]]], int]
+# builder(cfg, text encoder, prompt rows, (k, d) vectors to build at) -> directions
+Builder = Callable[[object, "TextEncoder", PromptRows, np.ndarray], zo.Directions]
 
 
-def vocab_prior(text: TextEncoder, words: str | None, mix: float, power: float = 1.0) -> np.ndarray:
-    """From the rows of the words in file `words` (None: the whole token table, right for SD)."""
-    if words is None:
-        return zo.prior_sqrt(text.table, mix, power)
-    path = Path(words)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prior-words {path} is missing: give a text file of words, or leave it out "
-                                "to use the whole token table")
-    pieces = [p for w in path.read_text(encoding="utf-8").split() for p in text.tokenizer.tokenize(w)]
-    ids = sorted({text.tokenizer.token_id(p) for p in pieces})
-    if len(ids) < 2:
-        raise ValueError(f"--prior-words {path} names {len(ids)} token(s); a covariance needs at least 2")
-    return zo.prior_sqrt(np.asarray(text.table[ids], np.float32), mix, power)
-
-
-def jacobian_moment(text: TextEncoder, prompts: list[tuple[np.ndarray, list[np.ndarray]]], v0: np.ndarray,
-                    h: float = 1e-2, batch: int = 16) -> np.ndarray:
+def jacobian_moment(text: TextEncoder, prompts, v0: np.ndarray, h: float = 1e-2, batch: int = 16) -> np.ndarray:
     """(d, d) float64 sum over prompts and vectors of J^T J, J = (77 d_out, d) finite-difference Jacobian.
 
     prompts: [(77, d) token rows, [(r_j,) positions of vector j]]; v0: (k, d) vectors. A prompt's J is
@@ -68,49 +57,53 @@ def jacobian_moment(text: TextEncoder, prompts: list[tuple[np.ndarray, list[np.n
     return m
 
 
-def jacobian_prior(text: TextEncoder, prompts, v0: np.ndarray, mix: float, batch: int = 16,
-                   power: float = 1.0, rank: int = 0) -> np.ndarray:
-    return zo.prior_from_moment(jacobian_moment(text, prompts, v0, batch=batch), mix, power, rank)
+def jacobian_subspace(cfg, text: TextEncoder, prompts: PromptRows, v: np.ndarray) -> zo.Shaped:
+    """Queries evenly over the top cfg.prior_rank directions of J^T J at v, cfg.prior_mix of the rest."""
+    moment = jacobian_moment(text, prompts[0], v, batch=prompts[1])
+    return zo.Shaped(zo.top_k_sqrt(moment, cfg.prior_rank, cfg.prior_mix))
 
 
-def build(directions: str, text: TextEncoder, words: str | None, mix: float, prompts, v0: np.ndarray,
-          batch: int, power: float = 1.0, rank: int = 0) -> np.ndarray | None:
-    """The (d, d) prior a direction kind needs (vocab or jacobian), None for the others.
+BUILDERS: dict[str, Builder] = {
+    "gaussian": lambda cfg, text, prompts, v: zo.Gaussian(),
+    "jacobian": jacobian_subspace,
+}
 
-    prompts: the templates' (rows, positions) whose J^T J a jacobian prior sums (TrainConfig.prior_prompts).
-    """
-    if directions == "vocab":
-        return vocab_prior(text, words, mix, power)
-    if directions == "jacobian":
-        return jacobian_prior(text, prompts, v0, mix, batch, power, rank)
-    return None
+
+def register(name: str, builder: Builder) -> None:
+    """Make `name` a --directions choice (an experiment's directions; see bench/toy/methods.py)."""
+    BUILDERS[name] = builder
+
+
+def build(cfg, text: TextEncoder, prompts: PromptRows, v: np.ndarray) -> zo.Directions:
+    """The directions cfg.directions names, built at the (k, d) vectors v."""
+    return BUILDERS[cfg.directions](cfg, text, prompts, v)
 
 
 def check(cfg) -> None:
-    """ValueError naming the option when a TrainConfig's prior settings cannot work together."""
+    """ValueError naming the option when a TrainConfig's direction settings cannot work."""
+    if cfg.directions not in BUILDERS:
+        raise ValueError(f"--directions must be one of {', '.join(BUILDERS)}, got {cfg.directions!r}")
+    if cfg.directions == "gaussian":          # the prior_* settings shape other kinds only
+        return
     if not 0 <= cfg.prior_mix <= 1:
-        raise ValueError(f"--prior-mix must be in [0, 1], got {cfg.prior_mix}")
-    if cfg.prior_prompts < 1 or cfg.prior_rank < 0 or not 0 <= cfg.prior_refresh <= cfg.tau:
-        raise ValueError(f"need --prior-prompts >= 1, --prior-rank >= 0, 0 <= --prior-refresh <= --tau (a resume "
+        raise ValueError(f"prior_mix must be in [0, 1], got {cfg.prior_mix}")
+    if cfg.prior_prompts < 1 or cfg.prior_rank < 1 or not 0 <= cfg.prior_refresh <= cfg.tau:
+        raise ValueError(f"need prior_prompts >= 1, prior_rank >= 1, 0 <= prior_refresh <= tau (a resume "
                          f"rebuilds from the tau-step history); got {cfg.prior_prompts}, {cfg.prior_rank}, "
                          f"{cfg.prior_refresh}")
-    if cfg.prior_refresh and cfg.directions != "jacobian":
-        raise ValueError(f"--prior-refresh rebuilds a jacobian prior: use it with --directions jacobian "
-                         f"(got {cfg.directions})")
 
 
-def from_config(cfg, text: TextEncoder, args: tuple, v: np.ndarray) -> np.ndarray | None:
-    """build() with a TrainConfig's prior settings; args = (prompts, batch) kept by the run."""
-    return build(cfg.directions, text, cfg.prior_words, cfg.prior_mix, args[0], v, args[1], cfg.prior_power,
-                 cfg.prior_rank)
+def refreshes(cfg) -> bool:
+    """Whether the run rebuilds its directions every cfg.prior_refresh steps (gaussian ones never change)."""
+    return cfg.directions != "gaussian" and cfg.prior_refresh > 0
 
 
 def anchor(state: zo.ZOState, step: int, every: int, first: int, tau: int) -> np.ndarray | None:
-    """(D,) the v a refreshed jacobian prior must be computed at before `step`, or None (keep the prior).
+    """(D,) the v refreshed directions must be built at before `step`, or None (keep the current ones).
 
     Refreshes happen at steps 1 + j * every, at the v the step starts from. `first`: this process's first
-    step; a resume inside a period rebuilds that period's prior from the history ring (every <= tau), so a
-    resumed run repeats an uninterrupted one. Period 0's prior (at v0) is the one built when the run opens.
+    step; a resume inside a period rebuilds that period's directions from the history ring (every <= tau),
+    so a resumed run repeats an uninterrupted one. Period 0's (at v0) are the ones built when the run opens.
     """
     start = (step - 1) // every * every + 1                 # the period's first step
     if start == 1 or (step != start and step != first):

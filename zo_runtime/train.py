@@ -10,13 +10,14 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import data, priors, prompts, zo
+from .train_config import TrainConfig, trajectory
 from .embeds import save_learned_embeds, vector_names
 from .io_utils import atomic_write, atomic_write_json, atomic_write_text
 from .model_dir import ModelDir
@@ -24,88 +25,9 @@ from .session import OnnxModel
 from .text import TextEncoder
 
 CHECKPOINT = "checkpoint.npz"
-# Options that may change between a run and its resume without changing the result.
-RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "resume", "provider", "provider_options", "progress"}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run; defaults are the reference's (SD 1.5, method.md)."""
-
-    token: str                       # placeholder, must be new to the vocabulary ("sks")
-    init: str                        # one existing token whose row starts v ("dog" for a dog)
-    queries: int = 2                 # n: n+1 forward passes per step; best CLIP-I per pass in the paper
-    mu: float = 1e-3                 # perturbation size (SD 2.x: 1e-2)
-    tau: int = 128                   # subspace history length / refresh period
-    nu: float = 1e-3                 # subspace keeps components explaining > 1 - nu of the variance
-    t_range: tuple[int, int] = (500, 900)   # PUTS: t < 500 carries almost no text signal
-    lr: float = 5e-3                 # paper (reference script: 1e-2)
-    lr_schedule: str = "constant"    # reference; cosine decays lr to lr_final * lr over the run (zo.ZOConfig)
-    lr_final: float = 0.1            # cosine's last lr as a share of lr: a floor keeps late steps useful
-    lr_horizon: int = 0              # steps the cosine spans; 0: --steps (a resume with more steps re-spans it)
-    average: float = 0.0             # saved vector: last iterate (reference) or an EMA of iterates (zo.ZOConfig)
-    steps: int = 30000               # reference schedule (31 min on an RTX 3090)
-    num_vectors: int = 1             # reference trains one vector
-    estimator: str = "rge"           # one-sided; spsa (two-sided, 2n passes) scored worse
-    subspace: bool = True            # Subspace Gradient on
-    subspace_cap: float = 0.17       # share of dims it may remove: reference on SD (D >= 768), sane at D = 128
-    directions: str = "gaussian"     # gaussian (reference), orthogonal, vocab, jacobian or guided (zo.direction)
-    # vocab directions: covariance of these words' rows (a text file of words; None: the whole token table,
-    # right for SD whose every row is trained), mixed with this share of the identity (every dim reachable).
-    prior_words: str | None = None
-    prior_mix: float = 0.1
-    prior_prompts: int = 4           # jacobian: J^T J summed over this many templates ((d+1) TE passes each)
-    prior_power: float = 1.0         # z ~ N(0, S^power): 1 favours the prior's big directions; -1 (jacobian):
-                                     # Gauss-Newton, queries go where the text encoder is flat (zo.prior_from_moment)
-    prior_rank: int = 0              # k > 0: queries equally in S's top-k directions, mix in the rest (0: S^power)
-    prior_refresh: int = 0           # jacobian: rebuild S at the current v every this many steps (<= tau; 0: v0 only)
-    guide_share: float = 0.5         # guided: share of each query along the momentum (guided ES's alpha = 0.5)
-    betas: tuple[float, float] = (0.9, 0.999)   # ZO-Adam moments (reference ZOAdam); beta1 averages directions
-    normalize: str = "coordinate"    # Adam's second moment per coordinate (reference) or global (zo.ZOConfig)
-    templates: str = "object"        # diffusers' TI templates; "style" for styles
-    captions: str | None = None      # per-image captions file (overrides templates)
-    seed: int = 0                    # every draw of step s derives from (seed, s): resumes are exact
-    resolution: int | None = None    # None: the model's native (or static) resolution
-    latent: str = "sample"           # VAE posterior sample per step like the reference; "mean" is deterministic
-    # "single": n+1 UNet calls; "batch": one call of n+1. SD 1.5 replica, CPU: single peaks at 5.5 GB
-    # vs >= 8.6 GB batched at 512 px (attention maps x3) and was no slower (256 px: 26.7 vs 30.4 s/step).
-    unet_batch: str = "single"
-    provider: str = "auto"           # execution provider short name (see `zoodip providers`)
-    provider_options: tuple[tuple[str, str], ...] = ()   # (key, value) pairs; a tuple keeps the config frozen
-    save_every: int = 500            # checkpoint period in steps (reference save_steps); 0: only at the end
-    sample_every: int = 0            # sample grid period (needs zoodip generate); 0: off
-    resume: bool = False             # continue from OUT/checkpoint.npz
-    progress: bool = True            # tqdm bar
-
-    def __post_init__(self):
-        object.__setattr__(self, "t_range", tuple(int(t) for t in self.t_range))
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        object.__setattr__(self, "provider_options", tuple(tuple(p) for p in self.provider_options))
-        self.zo  # validates the optimizer fields
-        lo, hi = self.t_range
-        if not 0 <= lo < hi <= 1000:
-            raise ValueError(f"--t-range {lo} {hi} must satisfy 0 <= LO < HI <= num_train_timesteps (1000)")
-        for name in ("steps", "num_vectors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.save_every < 0 or self.sample_every < 0:
-            raise ValueError("--save-every and --sample-every must be >= 0")
-        if not self.token.strip() or " " in self.token:
-            raise ValueError(f"--token must be one word such as 'sks', got {self.token!r}")
-        prompts.templates(self.templates)
-        priors.check(self)
-        if self.latent not in ("sample", "mean"):
-            raise ValueError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
-        if self.unet_batch not in ("batch", "single"):
-            raise ValueError(f"--unet-batch must be 'batch' or 'single', got {self.unet_batch!r}")
-
-    @property
-    def zo(self) -> zo.ZOConfig:
-        return zo.ZOConfig(queries=self.queries, mu=self.mu, estimator=self.estimator, tau=self.tau,
-                           nu=self.nu, subspace=self.subspace, subspace_cap=self.subspace_cap, lr=self.lr,
-                           directions=self.directions, betas=self.betas, lr_schedule=self.lr_schedule,
-                           lr_final=self.lr_final, horizon=self.lr_horizon or self.steps, average=self.average,
-                           guide_share=self.guide_share, normalize=self.normalize)
+# Settings of older zoodip versions that no longer exist, at the value that behaves as this version does.
+RETIRED = {"estimator": "rge", "lr_schedule": "constant", "average": 0.0, "normalize": "coordinate",
+           "prior_power": 1.0, "prior_words": None, "guide_share": 0.5, "betas": [0.9, 0.999]}
 
 
 def _place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
@@ -134,16 +56,16 @@ class _Prompts:
     def draw(self, rng: np.random.Generator, image: int) -> tuple[str, np.ndarray, list[np.ndarray]]:
         """(prompt, (77, d) float32 token rows, [(r_j,) positions of vector j]) for the step's image."""
         if self.captions:
-            return self._rows(self.captions[self.names[image]].format(self.placeholder))
-        return self._rows(self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder))
+            return self._encode(self.captions[self.names[image]].format(self.placeholder))
+        return self._encode(self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder))
 
     def draw_template(self, i: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """((77, d) token rows, positions) of template i (captions: image i's caption)."""
         if self.captions:
-            return self._rows(self.captions[self.names[i % len(self.names)]].format(self.placeholder))[1:]
-        return self._rows(self.templates[i].format(self.placeholder))[1:]
+            return self._encode(self.captions[self.names[i % len(self.names)]].format(self.placeholder))[1:]
+        return self._encode(self.templates[i].format(self.placeholder))[1:]
 
-    def _rows(self, prompt: str) -> tuple[str, np.ndarray, list[np.ndarray]]:
+    def _encode(self, prompt: str) -> tuple[str, np.ndarray, list[np.ndarray]]:
         if prompt not in self.cache:
             ids = self.text.tokenizer([prompt])[0]
             rows = [np.flatnonzero(ids == i) for i in self.ids]
@@ -169,8 +91,8 @@ class _Run:
     resolution: int
     unet_rows: int            # UNet batch per call: passes (batched) or 1
     text_rows: int            # text-encoder batch per call
-    prior: np.ndarray | None  # (d, d) vocab-direction map, or None
-    prior_args: tuple         # (prompts, batch) a jacobian prior is rebuilt from (TrainConfig.prior_refresh)
+    dirs: zo.Directions       # the queries' directions (priors.build; rebuilt every prior_refresh steps)
+    prior_args: tuple         # (prompts, batch) directions are built from (priors.PromptRows)
 
 
 def _batch_dim(session: OnnxModel, name: str) -> int | None:
@@ -178,7 +100,7 @@ def _batch_dim(session: OnnxModel, name: str) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def _rows(session: OnnxModel, name: str, passes: int, want: int, what: str) -> int:
+def _batch_per_call(session: OnnxModel, name: str, passes: int, want: int, what: str) -> int:
     """Batch per call: `want` unless a static-shape model fixes it (to passes or to 1)."""
     fixed = _batch_dim(session, name)
     if fixed is None or fixed == want:
@@ -197,16 +119,16 @@ def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
     text = TextEncoder(model, cfg.provider, opts)
     tokens, v0 = _place_tokens(text, cfg)
     passes = cfg.zo.passes
-    text_rows = _rows(text.session, "inputs_embeds", passes, passes, "text encoder")
+    text_rows = _batch_per_call(text.session, "inputs_embeds", passes, passes, "text encoder")
     drawer = _Prompts(text, tokens, latents.names, cfg)
-    # Before the UNet loads (a jacobian's J is transient); a dynamic-batch text encoder takes 16 rows a call.
+    # Before the UNet loads (a Jacobian's J is transient); a dynamic-batch text encoder takes 16 rows a call.
     draws = [drawer.draw_template(i) for i in range(min(cfg.prior_prompts, len(drawer.templates)))]
     batch = text_rows if _batch_dim(text.session, "inputs_embeds") else 16
-    prior = priors.from_config(cfg, text, (draws, batch), v0)
+    dirs = priors.build(cfg, text, (draws, batch), v0)
     unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
-    unet_rows = _rows(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
+    unet_rows = _batch_per_call(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     return _Run(model, text, unet, latents, drawer, tokens, v0,
-                model.alphas_cumprod(), res, unet_rows, text_rows, prior, (draws, batch))
+                model.alphas_cumprod(), res, unet_rows, text_rows, dirs, (draws, batch))
 
 
 def _losses(run: _Run, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
@@ -255,10 +177,6 @@ def eval_loss(run: _Run, cfg: TrainConfig, vectors: np.ndarray, draws: int = 16,
     return total / draws
 
 
-def _config_dict(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Keep log rows up to `step` (rows after the checkpoint belong to a killed run)."""
     rows = path.read_text().splitlines() if path.is_file() else []
@@ -279,12 +197,11 @@ def _start(out: Path, cfg: TrainConfig, v0: np.ndarray) -> zo.ZOState:
     if not cfg.resume:
         raise FileExistsError(f"{out} already holds a run at step {state.step}: pass --resume to continue it, "
                               "or choose another --out")
-    now = _config_dict(cfg)
-    # A key the checkpoint predates had its default then (options are added with the old behaviour as default).
-    defaults = _config_dict(TrainConfig(token=cfg.token, init=cfg.init))
-    changed = sorted(k for k in now if saved.get(k, defaults[k]) != now[k] and k not in RESUMABLE_CHANGES)
+    then, now = trajectory(saved), cfg.trajectory()
+    changed = sorted(k for k in now.keys() | then.keys() if then.get(k) != now.get(k))
+    changed += sorted(k for k, v in RETIRED.items() if k in saved and saved[k] != v)   # settings gone since
     if changed:
-        raise ValueError(f"cannot resume {ck}: {', '.join(f'{k}={saved.get(k)!r} (now {now[k]!r})' for k in changed)}; "
+        raise ValueError(f"cannot resume {ck}: {', '.join(f'{k}={saved.get(k)!r} (now {now.get(k)!r})' for k in changed)}; "
                          "use the settings of the first run or another --out")
     if state.v.size != v0.size:
         raise ValueError(f"{ck} holds {state.v.size} values, this model needs {v0.size}; use another --out")
@@ -294,10 +211,10 @@ def _start(out: Path, cfg: TrainConfig, v0: np.ndarray) -> zo.ZOState:
 
 def _save(out: Path, run: _Run, state: zo.ZOState, cfg: TrainConfig) -> Path:
     """Atomic checkpoint (state + config), then the learned embeddings."""
-    arrays = {**state.arrays(), "config": np.array(json.dumps(_config_dict(cfg)))}
+    arrays = {**state.arrays(), "config": np.array(json.dumps(cfg.as_dict()))}
     atomic_write(out / CHECKPOINT, lambda p: data._savez(p, **arrays))
     return save_learned_embeds(out / "learned_embeds.safetensors", cfg.token,
-                               zo.result(state, cfg.zo).reshape(run.v0.shape))
+                               state.v.reshape(run.v0.shape))
 
 
 def _write_config(out: Path, run: _Run, cfg: TrainConfig, images_dir) -> None:
@@ -309,7 +226,7 @@ def _write_config(out: Path, run: _Run, cfg: TrainConfig, images_dir) -> None:
     except PackageNotFoundError:
         zoodip_version = "unknown"
     atomic_write_json(out / "config.json", {
-        "config": _config_dict(cfg), "model": str(run.model.root.resolve()), "images": str(Path(images_dir).resolve()),
+        "config": cfg.as_dict(), "model": str(run.model.root.resolve()), "images": str(Path(images_dir).resolve()),
         "images_used": run.latents.names, "tokens": run.tokens, "resolution": run.resolution,
         "scheme": run.model.manifest.get("scheme"), "prediction_type": run.model.manifest["prediction_type"],
         "passes_per_step": cfg.zo.passes, "unet_calls_per_step": math.ceil(cfg.zo.passes / run.unet_rows),
@@ -351,12 +268,12 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
         while state.step < cfg.steps:
             t0 = time.perf_counter()
             step = state.step + 1
-            at = priors.anchor(state, step, cfg.prior_refresh, first, cfg.tau) if cfg.prior_refresh else None
-            if at is not None:                                    # J^T J at the current v (TE passes only)
-                run.prior = priors.from_config(cfg, run.text, run.prior_args, at.reshape(k, d))
+            at = priors.anchor(state, step, cfg.prior_refresh, first, cfg.tau) if priors.refreshes(cfg) else None
+            if at is not None:                                    # e.g. J^T J at the current v (TE passes only)
+                run.dirs = priors.build(cfg, run.text, run.prior_args, at.reshape(k, d))
             prompt, base, rows, t, x_t, target = _draw(run, cfg, cfg.seed, step)   # 1-3: shared by all passes
             # 4-5. Losses at v (and v + mu z_i): placeholder rows replaced in every pass.
-            zo.query_points(state.v, cfg.seed, step, zcfg, out=pts, prior=run.prior, guide=state.m)
+            zo.query_points(state.v, cfg.seed, step, zcfg, run.dirs, out=pts)
             emb[:] = base
             for j, r in enumerate(rows):
                 emb[:, r] = pts.reshape(P, k, d)[:, j, None]
@@ -370,8 +287,8 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
                     f"{cfg.save_every or cfg.steps} steps) is intact: lower --lr or --mu and resume, or check the model")
             # 5-7. Estimate, project, Adam, history, PCA refresh.
             projected = int(state.basis.shape[0]) if cfg.subspace else 0   # dims removed from this step's g
-            g = zo.update(state, losses, cfg.seed, zcfg, prior=run.prior)
-            loss = float(losses[0] if cfg.estimator == "rge" else losses.mean())
+            g = zo.update(state, losses, cfg.seed, zcfg, run.dirs)
+            loss = float(losses[0])
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             seconds = time.perf_counter() - t0
             log.write(json.dumps({"step": step, "loss": loss, "t": t, "grad_norm": float(np.linalg.norm(g)),
@@ -390,6 +307,12 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
     path = _save(out, run, state, cfg)
     _summary(out, timing, ema, cfg)
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint file was saved at."""
+    with np.load(path) as z:
+        return int(z["step"])
 
 
 def _summary(out: Path, timing: list, ema: float | None, cfg: TrainConfig) -> None:

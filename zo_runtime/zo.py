@@ -1,19 +1,23 @@
-"""The ZOODiP optimizer core in NumPy: seeded perturbations, RGE/SPSA, PUTS, Subspace Gradient, ZO-Adam.
+"""The ZOODiP optimizer core in NumPy: seeded directions, RGE, PUTS, Subspace Gradient, ZO-Adam.
 
 Pure functions of (vector, seed, step, config). Every random draw comes from a local
 np.random.Generator keyed by (seed, step, stream), so nothing random is stored and a resumed
 run repeats an uninterrupted one exactly. Vectors are flattened: D = num_vectors * d.
+
+The seam for perturbation directions is a `Directions` object: it draws query i's z for (seed, step)
+and says how many dims the draws spread over (E|z|^2), which the estimate divides by. The product
+ships `Gaussian` (the reference) and `Shaped` (z = A g, e.g. the text encoder's Jacobian subspace,
+built in priors.py); experiments register their own through priors.register.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 
 # Stream ids keep the data draws and the perturbation directions independent.
-_DATA, _DIRECTION, _SWEEP = 0, 1, 2
-DIRECTIONS = ("gaussian", "orthogonal", "vocab", "jacobian", "guided")
+_DATA, _DIRECTION = 0, 1
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,6 @@ class ZOConfig:
 
     queries: int = 2                 # n: CLIP-I peaked at n=2 in the paper's ablation (n+1 passes per step)
     mu: float = 1e-3                 # perturbation size; SD 2.x/SDXL use 1e-2
-    estimator: str = "rge"           # rge: one-sided, n+1 passes; spsa: two-sided, 2n passes (scored worse)
     tau: int = 128                   # subspace: history length and refresh period
     nu: float = 1e-3                 # subspace: keep components explaining > 1 - nu of the variance
     subspace: bool = True            # Subspace Gradient on (paper's ablation: best with PUTS)
@@ -31,40 +34,16 @@ class ZOConfig:
     # froze 121 of 128 dims after the first refresh and halved toy-world concept fidelity.
     subspace_cap: float = 0.17
     lr: float = 5e-3                 # paper's learning rate (reference script: 1e-2)
-    # constant: the reference. cosine: lr * (f + (1 - f)(1 + cos(pi t / T)) / 2) over T = horizon steps,
-    # f = lr_final: ZO-Adam moves every coordinate each step, mostly along noise, so a late, smaller lr
-    # shrinks the random walk around the solution that a constant lr keeps up to the end.
-    lr_schedule: str = "constant"
-    lr_final: float = 0.1
-    horizon: int = 0                 # T of the schedule (the run's steps); unused when constant
-    # The returned vector: 0 = the last iterate (reference); a > 0 = the bias-corrected EMA of the iterates
-    # with decay a (0.998: about the last 500 steps), which averages out the walk the noisy steps leave.
-    average: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)  # Adam defaults, as in the reference ZOAdam
-    # coordinate: Adam's per-coordinate second moment (reference). global: one second moment, the mean of
-    # g^2 over the D coordinates, so the step keeps the estimate's direction (a direction prior's shape
-    # survives instead of every coordinate being rescaled to a step of ~lr).
-    normalize: str = "coordinate"
     # Large on purpose: damps steps where the ZO second moment is tiny. On the toy world sqrt(s) ~ 4e-4 < eps,
     # so ZO-Adam acts as momentum SGD with lr / ~1.4e-3: the estimate's scale (n, a prior) sets the step.
     eps: float = 1e-3
-    # gaussian: z ~ N(0, I) (the reference). orthogonal: sweeps of a seeded random orthonormal basis
-    # scaled to |z|^2 = D, so D/n consecutive steps probe every direction once (lower-variance sums).
-    # vocab: z ~ N(0, S), S the token table's covariance (see prior_sqrt), so queries favour the
-    # directions in which words differ. jacobian: S = the text encoder's J^T J at v0 (priors.py).
-    # guided: see guide_share.
-    directions: str = "gaussian"
-    # guided: z = sqrt(1 - s) eps + sqrt(s D) eta u, u = the unit Adam momentum (guided ES, Maheswaranathan
-    # et al. 2019): a share s of each query's energy probes the direction the run is already moving in.
-    guide_share: float = 0.5
 
     def __post_init__(self):
         if self.queries < 1:
             raise ValueError(f"queries must be >= 1, got {self.queries}")
         if not self.mu > 0:
             raise ValueError(f"mu must be > 0, got {self.mu}")
-        if self.estimator not in ("rge", "spsa"):
-            raise ValueError(f"estimator must be 'rge' or 'spsa', got {self.estimator!r}")
         if self.tau < 2:
             raise ValueError(f"tau must be >= 2 (PCA needs a history), got {self.tau}")
         if not 0 < self.nu < 1:
@@ -73,27 +52,13 @@ class ZOConfig:
             raise ValueError(f"subspace_cap must be in [0, 1], got {self.subspace_cap}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.average < 1:
-            raise ValueError(f"average must be in [0, 1) (an EMA decay; 0: last iterate), got {self.average}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if not 0 <= self.lr_final <= 1:
-            raise ValueError(f"lr_final must be in [0, 1] (a share of lr), got {self.lr_final}")
-        if self.lr_schedule != "constant" and self.horizon < 1:
-            raise ValueError(f"a {self.lr_schedule} lr schedule needs horizon >= 1 (the run's steps)")
-        if self.directions not in DIRECTIONS:
-            raise ValueError(f"directions must be one of {', '.join(DIRECTIONS)}, got {self.directions!r}")
-        if not 0 <= self.guide_share < 1:
-            raise ValueError(f"guide_share must be in [0, 1) (a share of each query's energy), got {self.guide_share}")
-        if self.normalize not in ("coordinate", "global"):
-            raise ValueError(f"normalize must be 'coordinate' or 'global', got {self.normalize!r}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
 
     @property
     def passes(self) -> int:
-        """Forward passes per step."""
-        return self.queries + 1 if self.estimator == "rge" else 2 * self.queries
+        """Forward passes per step: the base pass and one per query."""
+        return self.queries + 1
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:
@@ -101,88 +66,49 @@ def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, _DATA])
 
 
-def direction(seed: int, step: int, i: int, size: int, cfg: ZOConfig | None = None,
-              prior: np.ndarray | None = None, guide: np.ndarray | None = None) -> np.ndarray:
-    """(D,) direction z_i of query i of a step, regenerated from its seed whenever needed.
+class Directions(Protocol):
+    def draw(self, seed: int, step: int, i: int, size: int) -> np.ndarray:
+        """(D,) float32 direction z_i of query i of a step, regenerated from its seed whenever needed."""
 
-    gaussian: z ~ N(0, I_D). orthogonal: row k mod D of sweep k // D's orthonormal basis times sqrt(D),
-    k = (step - 1) * n + i counting queries from the start of the run. vocab/jacobian: the gaussian draw
-    mapped by the (d, d) symmetric square root `prior` of the covariance, vector by vector (D = k d).
-    guided: sqrt(1 - s) eps + sqrt(s D) eta guide/|guide|, `guide` the (D,) Adam momentum before the
-    step's update, so E[z z^T] = (1 - s) I + s D u u^T (trace D, like the others).
-    """
-    if cfg is None or cfg.directions in ("gaussian", "vocab", "jacobian"):
-        z = np.random.default_rng([seed, step, _DIRECTION, i]).standard_normal(size, dtype=np.float32)
-        if cfg is None or cfg.directions == "gaussian":
-            return z
-        if prior is None:
-            raise ValueError(f"directions={cfg.directions!r} needs the prior matrix (see zo_runtime.priors)")
-        return (z.reshape(-1, prior.shape[0]) @ prior).ravel()      # prior is symmetric: z A^T = z A
-    if cfg.directions == "guided":
-        rng = np.random.default_rng([seed, step, _DIRECTION, i])
-        eps, eta = rng.standard_normal(size, dtype=np.float32), rng.standard_normal()
-        norm = float(np.linalg.norm(guide)) if guide is not None else 0.0
-        if norm == 0:                                   # step 1: no momentum yet
-            return eps
-        s = cfg.guide_share
-        return np.sqrt(1 - s, dtype=np.float32) * eps + np.float32(np.sqrt(s * size) * eta / norm) * guide
-    k = (step - 1) * cfg.queries + i
-    return _sweep_basis(seed, k // size, size)[k % size] * np.float32(np.sqrt(size))
+    def span(self, size: int, projected: int) -> float:
+        """E|z|^2 left once Subspace Gradient removes `projected` of the `size` dims."""
 
 
-@lru_cache(maxsize=2)
-def _sweep_basis(seed: int, sweep: int, size: int) -> np.ndarray:
-    """(D, D) random orthonormal rows (QR of a seeded Gaussian matrix; D=768: ~0.1 s per D/n steps)."""
-    a = np.random.default_rng([seed, sweep, _SWEEP]).standard_normal((size, size))
-    q, r = np.linalg.qr(a)
-    return np.ascontiguousarray((q * np.sign(np.diag(r))).T, dtype=np.float32)   # sign fix: Haar-distributed
+class Gaussian:
+    """z ~ N(0, I_D): the reference's directions."""
+
+    def draw(self, seed: int, step: int, i: int, size: int) -> np.ndarray:
+        return np.random.default_rng([seed, step, _DIRECTION, i]).standard_normal(size, dtype=np.float32)
+
+    def span(self, size: int, projected: int) -> float:
+        return size - projected
 
 
-def prior_sqrt(rows: np.ndarray, mix: float, power: float = 1.0) -> np.ndarray:
-    """(d, d) symmetric A with A A = S = (1 - mix) C + mix I, C the (N, d) rows' covariance scaled to trace d.
+class Shaped(Gaussian):
+    """z = g A per vector (D = k d), g ~ N(0, I), A a (d, d) symmetric square root of the covariance."""
 
-    E|A z|^2 = d like a plain gaussian, so mu and the estimator's scale keep their meaning; mix > 0
-    keeps every direction reachable (a concept may need one no word uses).
-    """
+    def __init__(self, sqrt: np.ndarray):
+        self.sqrt = sqrt
+        self.trace = float(np.sum(sqrt * sqrt))       # E|z|^2 per vector = tr(A A): once per A, not per step
+
+    def draw(self, seed: int, step: int, i: int, size: int) -> np.ndarray:
+        z = super().draw(seed, step, i, size)
+        return (z.reshape(-1, self.sqrt.shape[0]) @ self.sqrt).ravel()   # A symmetric: z A^T = z A
+
+    def span(self, size: int, projected: int) -> float:
+        # E|z|^2 over D dims, of which the subspace projection takes its share projected / D
+        return round(self.trace * size / self.sqrt.shape[0], 3) * (1 - projected / size)
+
+
+def top_k_sqrt(moment: np.ndarray, k: int, mix: float) -> np.ndarray:
+    """(d, d) symmetric A with A A = P_k + mix (I - P_k), P_k the projector on the (d, d) PSD `moment`'s
+    top-k eigen-directions: every one of them equally (no ill-conditioning from the moment's spread),
+    the rest at `mix` so every direction stays reachable; E|z|^2 = k + mix (d - k)."""
     if not 0 <= mix <= 1:
-        raise ValueError(f"prior mix must be in [0, 1], got {mix}")
-    rows = np.asarray(rows)                              # may be a memory-mapped (V, d) table
-    d, chunks = rows.shape[1], range(0, len(rows), 4096)  # float64 4096-row slices, never a (V, d) copy
-    mean = np.zeros(d)
-    for i in chunks:
-        mean += np.asarray(rows[i:i + 4096], np.float64).sum(axis=0) / len(rows)
-    cov = np.zeros((d, d))
-    for i in chunks:
-        c = np.asarray(rows[i:i + 4096], np.float64) - mean
-        cov += c.T @ c / max(len(rows) - 1, 1)
-    return prior_from_moment(cov, mix, power)
-
-
-def prior_from_moment(moment: np.ndarray, mix: float, power: float = 1.0, rank: int = 0) -> np.ndarray:
-    """(d, d) symmetric A with A A = S^power scaled to trace d, S = (1 - mix) M + mix I, M the (d, d) PSD
-    `moment` scaled to trace d. power -1 with M = J^T J: z ~ N(0, S^-1), so E[g] = S^-1 grad, a
-    Gauss-Newton step through the text encoder (flat directions of J get the queries, stiff ones few).
-
-    rank k > 0: A A = P_k + mix (I - P_k), P_k the projector on M's top-k eigen-directions: every one of
-    them equally (no ill-conditioning from M's spread), trace k + mix (d - k), the span estimate() divides by.
-    """
-    if not 0 <= mix <= 1:
-        raise ValueError(f"prior mix must be in [0, 1], got {mix}")
-    if rank > 0:
-        _, v = np.linalg.eigh(moment)
-        w = np.full(moment.shape[0], mix)
-        w[-rank:] = 1.0                                   # eigh sorts ascending: the last k are the top k
-        return ((v * np.sqrt(w)) @ v.T).astype(np.float32)
-    if power != 1 and mix == 0:
-        raise ValueError("a prior power other than 1 needs prior mix > 0 (M is singular)")
-    d = moment.shape[0]
-    moment = moment * (d / np.trace(moment) if np.trace(moment) > 0 else 0.0)
-    w, v = np.linalg.eigh((1 - mix) * moment + mix * np.eye(d))
-    if power == 1:                                        # trace is d already
-        w = np.clip(w, 0, None)
-    else:
-        w = np.clip(w, mix, None) ** power
-        w *= d / w.sum()
+        raise ValueError(f"mix must be in [0, 1], got {mix}")
+    _, v = np.linalg.eigh(moment)
+    w = np.full(moment.shape[0], mix)
+    w[-k:] = 1.0                                      # eigh sorts ascending: the last k are the top k
     return ((v * np.sqrt(w)) @ v.T).astype(np.float32)
 
 
@@ -191,39 +117,27 @@ def sample_timestep(rng: np.random.Generator, lo: int, hi: int) -> int:
     return int(rng.integers(lo, hi))
 
 
-def query_points(v: np.ndarray, seed: int, step: int, cfg: ZOConfig, out: np.ndarray | None = None,
-                 prior: np.ndarray | None = None, guide: np.ndarray | None = None) -> np.ndarray:
-    """(P, D) points to evaluate: rge [v, v+mu z_1..n]; spsa [v+mu z_1, v-mu z_1, ...]."""
+def query_points(v: np.ndarray, seed: int, step: int, cfg: ZOConfig, dirs: Directions,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """(n+1, D) points to evaluate: [v, v + mu z_1, ..., v + mu z_n]."""
     out = np.empty((cfg.passes, v.size), np.float32) if out is None else out
-    if cfg.estimator == "rge":
-        out[0] = v
-        for i in range(cfg.queries):
-            np.multiply(direction(seed, step, i, v.size, cfg, prior, guide), cfg.mu, out=out[i + 1])
-            out[i + 1] += v
-    else:
-        for i in range(cfg.queries):
-            z = direction(seed, step, i, v.size, cfg, prior, guide) * np.float32(cfg.mu)
-            out[2 * i] = v + z
-            out[2 * i + 1] = v - z
+    out[0] = v
+    for i in range(cfg.queries):
+        np.multiply(dirs.draw(seed, step, i, v.size), cfg.mu, out=out[i + 1])
+        out[i + 1] += v
     return out
 
 
-def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig, projected: int = 0,
-             prior: np.ndarray | None = None, guide: np.ndarray | None = None) -> np.ndarray:
-    """g = sum_i g_i z_i / (n sqrt((D' + n - 1) / n)), D' = D - projected dims (reference ZOAdam)."""
+def estimate(losses: np.ndarray, seed: int, step: int, size: int, cfg: ZOConfig, dirs: Directions,
+             projected: int = 0) -> np.ndarray:
+    """g = sum_i g_i z_i / (n sqrt((D' + n - 1) / n)), D' = the span left after projection (reference ZOAdam)."""
     losses = np.asarray(losses, dtype=np.float64)
     n = cfg.queries
-    if cfg.estimator == "rge":
-        coeffs = (losses[1:] - losses[0]) / cfg.mu               # (n,) directional derivatives
-    else:
-        coeffs = (losses[0::2] - losses[1::2]) / (2 * cfg.mu)
+    coeffs = (losses[1:] - losses[0]) / cfg.mu                   # (n,) directional derivatives
     g = np.zeros(size, np.float64)
     for i, c in enumerate(coeffs):
-        g += c * direction(seed, step, i, size, cfg, prior, guide)
-    # span: E|z|^2, the dims the queries spread over (D; a rank-k prior: k + mix (D - k) per vector), of
-    # which the subspace projection takes its share projected / D
-    span = size - projected if prior is None else \
-        round(float(np.sum(prior * prior)) * size / prior.shape[0], 3) * (1 - projected / size)
+        g += c * dirs.draw(seed, step, i, size)
+    span = dirs.span(size, projected)
     return (g / (n * np.sqrt((span + n - 1) / n))).astype(np.float32)
 
 
@@ -258,40 +172,22 @@ class ZOState:
     history: np.ndarray    # (tau, D) ring buffer of v after each update
     basis: np.ndarray      # (r, D) directions projected out (r = 0 until the first refresh)
     step: int = 0          # updates done
-    avg: np.ndarray | None = None   # (D,) EMA of v, not bias-corrected (ZOConfig.average > 0)
+
+    KEYS = ("v", "m", "s", "history", "basis")
 
     @classmethod
     def start(cls, v: np.ndarray, cfg: ZOConfig) -> "ZOState":
         v = np.asarray(v, np.float32).ravel().copy()
-        z = np.zeros_like(v)
-        return cls(v, z, z.copy(), np.zeros((cfg.tau, v.size), np.float32), np.zeros((0, v.size), np.float32),
-                   avg=z.copy())
+        return cls(v, np.zeros_like(v), np.zeros_like(v), np.zeros((cfg.tau, v.size), np.float32),
+                   np.zeros((0, v.size), np.float32))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"v": self.v, "m": self.m, "s": self.s, "history": self.history, "basis": self.basis,
-                "step": np.int64(self.step), "avg": self.avg if self.avg is not None else np.zeros_like(self.v)}
+        return {**{k: getattr(self, k) for k in self.KEYS}, "step": np.int64(self.step)}
 
     @classmethod
     def from_arrays(cls, a) -> "ZOState":
-        v, m, s, history, basis = (np.array(a[k], np.float32) for k in ("v", "m", "s", "history", "basis"))
-        keys = a.files if hasattr(a, "files") else a                      # an open .npz or a dict
-        avg = np.array(a["avg"], np.float32) if "avg" in keys else np.zeros_like(v)   # older checkpoints: none
-        return cls(v, m, s, history, basis, step=int(a["step"]), avg=avg)
-
-
-def result(state: ZOState, cfg: ZOConfig) -> np.ndarray:
-    """(D,) the vector a run returns: the last iterate, or the bias-corrected EMA (cfg.average)."""
-    if cfg.average == 0 or state.step == 0:
-        return state.v
-    return (state.avg / (1 - cfg.average ** state.step)).astype(np.float32)
-
-
-def lr_at(cfg: ZOConfig, step: int) -> float:
-    """Learning rate of update `step` (1-based); steps past the horizon keep the final rate."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    frac = min(step - 1, cfg.horizon) / cfg.horizon
-    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + np.cos(np.pi * frac)))
+        """From arrays() or an open checkpoint .npz (extra keys of older checkpoints are ignored)."""
+        return cls(*(np.array(a[k], np.float32) for k in cls.KEYS), step=int(a["step"]))
 
 
 def adam_update(state: ZOState, g: np.ndarray, cfg: ZOConfig) -> None:
@@ -301,26 +197,22 @@ def adam_update(state: ZOState, g: np.ndarray, cfg: ZOConfig) -> None:
     state.m *= b1
     state.m += (1 - b1) * g
     state.s *= b2
-    state.s += (1 - b2) * (g * g if cfg.normalize == "coordinate" else np.mean(g * g, dtype=np.float64))
+    state.s += (1 - b2) * (g * g)
     m_hat = state.m / (1 - b1 ** t)
     s_hat = state.s / (1 - b2 ** t)
-    state.v -= (lr_at(cfg, t) * m_hat / (np.sqrt(s_hat) + cfg.eps)).astype(np.float32)
+    state.v -= (cfg.lr * m_hat / (np.sqrt(s_hat) + cfg.eps)).astype(np.float32)
 
 
-def update(state: ZOState, losses: np.ndarray, seed: int, cfg: ZOConfig, prior: np.ndarray | None = None) -> np.ndarray:
+def update(state: ZOState, losses: np.ndarray, seed: int, cfg: ZOConfig, dirs: Directions) -> np.ndarray:
     """One optimizer step from the step's losses: estimate, project, Adam, history, PCA refresh.
 
-    Returns the gradient actually applied (after projection). `prior`: see direction (vocab only).
+    Returns the gradient actually applied (after projection).
     """
     step = state.step + 1
-    g = estimate(losses, seed, step, state.v.size, cfg, projected=state.basis.shape[0], prior=prior,
-                 guide=state.m if cfg.directions == "guided" else None)
+    g = estimate(losses, seed, step, state.v.size, cfg, dirs, projected=state.basis.shape[0])
     if cfg.subspace:
         g = project(g, state.basis)
     adam_update(state, g, cfg)
-    if cfg.average:
-        state.avg *= cfg.average
-        state.avg += (1 - cfg.average) * state.v
     state.step = step
     state.history[(step - 1) % cfg.tau] = state.v
     if cfg.subspace and step % cfg.tau == 0:           # refresh after every tau updates

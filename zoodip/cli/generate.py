@@ -27,8 +27,8 @@ SCHEDULERS = click.Choice(["ddim", "euler", "euler-a", "dpm++2m"])
 @friendly_errors
 def generate(model, embeds, prompt, out, n, steps, guidance, negative, scheduler, seed, height, width,
              provider, provider_options):
-    from ..generate import GenerateConfig, generate as run
-    from ..providers import parse_options
+    from zo_runtime.generate import GenerateConfig, generate as run
+    from zo_runtime.providers import parse_options
     cfg = GenerateConfig(n=n, steps=steps, guidance=guidance, negative=negative, scheduler=scheduler, seed=seed,
                          height=height, width=width, provider=provider,
                          provider_options=tuple(parse_options(provider_options).items()))
@@ -66,8 +66,8 @@ def generate(model, embeds, prompt, out, n, steps, guidance, negative, scheduler
 @friendly_errors
 def evaluate(model, embeds, subject, metrics_dir, scorer, templates, out, class_word, prompts_file, kind, per_prompt,
              num_prompts, steps, guidance, scheduler, seed, provider, provider_options):
-    from ..evaluate import EvaluateConfig, evaluate as run, load_scorer, read_templates
-    from ..providers import parse_options
+    from zo_runtime.evaluate import EvaluateConfig, evaluate as run, load_scorer, read_templates
+    from zo_runtime.providers import parse_options
     cfg = EvaluateConfig(per_prompt=per_prompt, num_prompts=num_prompts, steps=steps, guidance=guidance,
                          scheduler=scheduler, seed=seed, kind=kind, class_word=class_word,
                          prompts_file=prompts_file, provider=provider,

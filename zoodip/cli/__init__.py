@@ -10,15 +10,15 @@ import click
 
 # command name -> "module:attribute"; modules are imported only when the command runs.
 COMMANDS = {
-    "providers": "zo_runtime.cli.cmd_providers:providers",
-    "replica": "zo_runtime.cli.cmd_export:replica",
-    "export": "zo_runtime.cli.cmd_export:export",
-    "quantize": "zo_runtime.cli.cmd_quantize:quantize",
-    "train": "zo_runtime.cli.cmd_train:train",
-    "personalize": "zo_runtime.cli.cmd_train:personalize",
-    "generate": "zo_runtime.cli.cmd_generate:generate",
-    "evaluate": "zo_runtime.cli.cmd_generate:evaluate",
-    "export-metrics": "zo_runtime.cli.cmd_generate:export_metrics",
+    "providers": "zoodip.cli.providers:providers",
+    "replica": "zoodip.cli.export:replica",
+    "export": "zoodip.cli.export:export",
+    "quantize": "zoodip.cli.quantize:quantize",
+    "train": "zoodip.cli.train:train",
+    "personalize": "zoodip.cli.train:personalize",
+    "generate": "zoodip.cli.generate:generate",
+    "evaluate": "zoodip.cli.generate:evaluate",
+    "export-metrics": "zoodip.cli.generate:export_metrics",
 }
 HELP = {
     "providers": "Show onnxruntime, its execution providers, and what --provider auto picks.",

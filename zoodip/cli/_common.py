@@ -6,7 +6,9 @@ import functools
 import click
 
 # Errors that library code raises on bad input; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
+# FloatingPointError: training diverged (the message names the intact checkpoint and the fix).
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+               FloatingPointError)
 
 
 def friendly_errors(fn):

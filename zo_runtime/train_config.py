@@ -1,0 +1,108 @@
+"""TrainConfig: every setting of one `zoodip train` run, its default and why (the CLI is generated from it)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from . import priors, prompts, zo
+from .config import setting
+
+# Settings that may change between a run and its resume without changing the result.
+RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "resume", "provider", "provider_options", "progress"}
+# Settings that shape the directions of every kind but gaussian (--directions jacobian).
+JACOBIAN_SETTINGS = {"prior_rank", "prior_refresh", "prior_mix", "prior_prompts"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; defaults are the reference's (SD 1.5, method.md)."""
+
+    token: str = setting(help="New placeholder token, e.g. sks (must not be in the vocabulary).", cli=True)
+    init: str = setting(help="One existing token to start from, e.g. dog.", cli=True)
+    steps: int = setting(30000, "Training steps (the reference schedule: 31 min on an RTX 3090).", cli=True)
+    lr: float = setting(5e-3, "ZO-Adam learning rate (paper; the reference script uses 1e-2).", cli=True)
+    directions: str = setting(
+        "gaussian", "Query directions: gaussian, N(0, I) as the reference; jacobian, spread over the top "
+        "prior_rank directions of the text encoder's J^T J, rebuilt every prior_refresh steps "
+        "(text-encoder passes only).", cli=True, choices=("gaussian", "jacobian"))
+    resolution: int | None = setting(None, "Training resolution in px [default: the model's native].", cli=True)
+    num_vectors: int = setting(1, "Vectors per token (sks, sks_1, ...); the reference trains one.", cli=True)
+    templates: str = setting("object", "Prompt templates (diffusers' textual inversion lists); style for styles.",
+                             cli=True, choices=tuple(prompts.TEMPLATES))
+    captions: str | None = setting(None, "Per-image captions: JSON {image: caption} or `image<TAB>caption` "
+                                   "lines, '{}' = the token (overrides --templates).", cli=True)
+    seed: int = setting(0, "Seed of every random draw: step s derives from (seed, s), so resumes are exact.", cli=True)
+    provider: str = setting("auto", "Execution provider: auto, cpu, cuda, dml, openvino, qnn, coreml.", cli=True)
+    provider_options: tuple[tuple[str, str], ...] = setting(
+        (), "Provider option KEY=VALUE, repeatable (e.g. device_type=CPU for openvino).", cli=True, metavar="KEY=VALUE",
+        flag="--provider-option")
+    save_every: int = setting(500, "Checkpoint period in steps (reference save_steps); 0: only at the end.", cli=True)
+    resume: bool = setting(False, "Continue from OUT/checkpoint.npz.", cli=True)
+    # Method settings (--set NAME=VALUE).
+    queries: int = setting(2, "n: perturbations per step, n + 1 forward passes; best CLIP-I per pass in the paper.")
+    mu: float = setting(1e-3, "Perturbation size (SD 2.x / SDXL: 1e-2).")
+    t_range: tuple[int, int] = setting((500, 900), "PUTS timestep range [LO, HI); t < 500 carries almost no "
+                                       "text signal; 0,1000 = plain uniform.")
+    tau: int = setting(128, "Subspace Gradient history length and refresh period.")
+    nu: float = setting(1e-3, "Subspace Gradient keeps components explaining > 1 - nu of the variance.")
+    subspace: bool = setting(True, "Subspace Gradient on (the paper's ablation: best with PUTS).")
+    subspace_cap: float = setting(0.17, "Largest share of the dims Subspace Gradient may remove: the reference "
+                                  "on SD (D >= 768), no lock-in at D = 128 (zo.ZOConfig).")
+    prior_rank: int = setting(16, "jacobian: the top directions queries spread over evenly.")
+    prior_refresh: int = setting(125, "jacobian: rebuild J^T J at the current vector every this many steps "
+                                 "(<= tau; 0: at the start only).")
+    prior_mix: float = setting(0.1, "jacobian: weight of every other direction (keeps them reachable).")
+    prior_prompts: int = setting(4, "jacobian: templates J^T J is summed over ((d + 1) text-encoder passes each).")
+    latent: str = setting("sample", "x0 per step: a VAE posterior sample (reference) or its mean.",
+                          choices=("sample", "mean"))
+    # single: n+1 UNet calls; batch: one call of n+1. SD 1.5 replica, CPU: single peaks at 5.5 GB vs >= 8.6 GB
+    # batched at 512 px (attention maps x3) and was no slower (256 px: 26.7 vs 30.4 s/step).
+    unet_batch: str = setting("single", "UNet passes of a step one by one (least memory) or as one batch "
+                              "(may be faster on GPUs/NPUs).", choices=("single", "batch"))
+    sample_every: int = setting(0, "Sample grid period in steps; 0: off.")
+    progress: bool = setting(True, "Show a progress bar.")
+
+    def __post_init__(self):
+        object.__setattr__(self, "t_range", tuple(int(t) for t in self.t_range))
+        object.__setattr__(self, "provider_options", tuple(tuple(p) for p in self.provider_options))
+        self.zo  # validates the optimizer fields
+        lo, hi = self.t_range
+        if not 0 <= lo < hi <= 1000:
+            raise ValueError(f"t_range {lo} {hi} must satisfy 0 <= LO < HI <= num_train_timesteps (1000)")
+        for name in ("steps", "num_vectors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0 or self.sample_every < 0:
+            raise ValueError("--save-every and sample_every must be >= 0")
+        if not self.token.strip() or " " in self.token:
+            raise ValueError(f"--token must be one word such as 'sks', got {self.token!r}")
+        prompts.templates(self.templates)
+        priors.check(self)
+        if self.latent not in ("sample", "mean"):
+            raise ValueError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
+        if self.unet_batch not in ("batch", "single"):
+            raise ValueError(f"unet_batch must be 'batch' or 'single', got {self.unet_batch!r}")
+
+    @property
+    def zo(self) -> zo.ZOConfig:
+        return zo.ZOConfig(queries=self.queries, mu=self.mu, tau=self.tau, nu=self.nu, subspace=self.subspace,
+                           subspace_cap=self.subspace_cap, lr=self.lr)
+
+    def as_dict(self) -> dict:
+        """JSON-ready settings (tuples as lists), as config.json and the checkpoint record them."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def trajectory(self) -> dict:
+        """The settings a resumed run must share with its checkpoint (those that shape its steps)."""
+        return trajectory(self.as_dict())
+
+
+def trajectory(settings: dict) -> dict:
+    """trajectory() of a recorded settings dict (a checkpoint's), keys it predates at their defaults then."""
+    out = {**DEFAULTS, **settings}
+    drop = RESUMABLE_CHANGES | (JACOBIAN_SETTINGS if out["directions"] == "gaussian" else set())
+    return {k: v for k, v in out.items() if k in DEFAULTS and k not in drop}
+
+
+# Options are added with the old behaviour as their default, so a checkpoint without a key had this value.
+DEFAULTS = TrainConfig(token="sks", init="dog").as_dict()
