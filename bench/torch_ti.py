@@ -113,7 +113,7 @@ def image_paths(images_dir: str | Path, limit: int) -> list[Path]:
 def encode_images(parts: TIParts, images_dir: str | Path, cfg: TorchTIConfig):
     """Center-cropped, resized photos -> (N, C, h, w) scaled latents (encoded once, one image at a time)."""
     import torch
-    from zo_runtime.images import load_rgb
+    from zo_runtime.image_io import load_rgb
 
     latents = []
     with torch.no_grad():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from models.toyworld.attributes import to_array
-from zo_runtime.images import load_rgb
+from zo_runtime.image_io import load_rgb
 
 from . import common
 from .toy_eval import ToyEvalConfig, ToyEvaluator

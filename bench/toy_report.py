@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from zo_runtime.images import load_rgb
+from zo_runtime.image_io import load_rgb
 from zo_runtime.io_utils import atomic_write, atomic_write_text
 
 from .toy_method import REPORTED, label

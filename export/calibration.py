@@ -18,7 +18,7 @@ import onnxruntime as ort
 from onnxruntime.quantization.calibrate import CalibraterBase, CalibrationMethod, TensorsData
 from tqdm import tqdm
 
-from zo_runtime.images import load_rgb
+from zo_runtime.image_io import load_rgb
 from zo_runtime.model_dir import ModelDir
 from zo_runtime.session import OnnxModel
 from zo_runtime.text import TextEncoder

@@ -11,7 +11,7 @@ from PIL import Image
 
 from zo_runtime.embeds import save_learned_embeds
 from zo_runtime.generate import GenerateConfig, Generator, generate
-from zo_runtime.images import read_meta
+from zo_runtime.image_io import read_meta
 
 # Decoded images may differ by one 8-bit level where a pixel sits on a rounding boundary.
 IMAGE_ATOL_U8 = 1

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from zo_runtime import data, prompts
+from zo_runtime import latents, prompts
 from zo_runtime import train as T
 from zo_runtime.model_dir import ModelDir
 
@@ -185,25 +185,25 @@ def test_bad_images_are_clear_errors(tiny_exported, images, tmp_path):
 
 
 def test_images_are_exif_rotated_cropped_and_cached(tiny_exported, images, tmp_path):
-    x = data.load_image(images / "1.jpg", 32)           # 40x56 stored, rotated -> 56x40, cropped to 32x32
+    x = latents.load_image(images / "1.jpg", 32)           # 40x56 stored, rotated -> 56x40, cropped to 32x32
     assert x.shape == (3, 32, 32) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
     model = ModelDir.open(tiny_exported)
-    a = data.encode_images(model, images, 32, tmp_path)
+    a = latents.encode_images(model, images, 32, tmp_path)
     assert a.mean.shape == (3, 2, 4, 16, 16) and len(list(tmp_path.glob("latents-*.npz"))) == 1
     assert not np.allclose(a.mean[:, 0], a.mean[:, 1])      # the mirror image has its own latent
-    b = data.encode_images(model, images, 32, tmp_path)      # from the cache
+    b = latents.encode_images(model, images, 32, tmp_path)      # from the cache
     assert np.array_equal(a.mean, b.mean) and len(list(tmp_path.glob("latents-*.npz"))) == 1
-    data.encode_images(model, images, 48, tmp_path)
+    latents.encode_images(model, images, 48, tmp_path)
     assert len(list(tmp_path.glob("latents-*.npz"))) == 2    # keyed by resolution
 
 
 def test_resolution_rules(tiny_exported):
     model = ModelDir.open(tiny_exported)
-    assert data.check_resolution(model, None) == 32
+    assert latents.check_resolution(model, None) == 32
     static = ModelDir(model.root, {**model.manifest, "static_shapes": {"batch": 3, "height": 32, "width": 32}})
-    assert data.check_resolution(static, 32) == 32
+    assert latents.check_resolution(static, 32) == 32
     with pytest.raises(ValueError, match="static-shape"):
-        data.check_resolution(static, 48)
+        latents.check_resolution(static, 48)
 
 
 def test_captions(tmp_path):

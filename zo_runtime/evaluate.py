@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import images as im
+from . import image_io as im
 from .assets import DREAMBOOTH_PROMPTS
 from .generate import GenerateConfig, Generator
 from .io_utils import atomic_write_json

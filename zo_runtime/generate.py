@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import images as im
+from . import image_io as im
 from .embeds import load_learned_embeds, vector_names
 from .model_dir import ModelDir
 from .schedulers import NAMES, NoiseSchedule, make_scheduler

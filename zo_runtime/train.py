@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import data, priors, prompts, zo
+from . import latents as lat, priors, prompts, zo
 from .train_config import TrainConfig, trajectory
 from .embeds import save_learned_embeds, vector_names
-from .io_utils import atomic_write, atomic_write_json, atomic_write_text
+from .io_utils import atomic_savez, atomic_write_json, atomic_write_text
 from .model_dir import ModelDir
 from .session import OnnxModel
 from .text import TextEncoder
@@ -83,7 +83,7 @@ class _Run:
     model: ModelDir
     text: TextEncoder
     unet: OnnxModel
-    latents: data.Latents
+    latents: lat.Latents
     prompts: _Prompts
     tokens: list[str]
     v0: np.ndarray            # (k, d)
@@ -113,9 +113,9 @@ def _batch_per_call(session: OnnxModel, name: str, passes: int, want: int, what:
 
 def _open(model_dir, images_dir, out: Path, cfg: TrainConfig) -> _Run:
     model = ModelDir.open(model_dir)
-    res = data.check_resolution(model, cfg.resolution)
+    res = lat.check_resolution(model, cfg.resolution)
     opts = dict(cfg.provider_options)
-    latents = data.encode_images(model, images_dir, res, out, cfg.provider, opts)
+    latents = lat.encode_images(model, images_dir, res, out, cfg.provider, opts)
     text = TextEncoder(model, cfg.provider, opts)
     tokens, v0 = _place_tokens(text, cfg)
     passes = cfg.zo.passes
@@ -212,7 +212,7 @@ def _start(out: Path, cfg: TrainConfig, v0: np.ndarray) -> zo.ZOState:
 def _save(out: Path, run: _Run, state: zo.ZOState, cfg: TrainConfig) -> Path:
     """Atomic checkpoint (state + config), then the learned embeddings."""
     arrays = {**state.arrays(), "config": np.array(json.dumps(cfg.as_dict()))}
-    atomic_write(out / CHECKPOINT, lambda p: data._savez(p, **arrays))
+    atomic_savez(out / CHECKPOINT, **arrays)
     return save_learned_embeds(out / "learned_embeds.safetensors", cfg.token,
                                state.v.reshape(run.v0.shape))
 

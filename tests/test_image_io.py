@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zo_runtime import images
+from zo_runtime import image_io as images
 
 
 def _img(seed, h=8, w=10):

@@ -1,4 +1,4 @@
-"""PNG output: atomic writes with metadata in text chunks, and image grids (numpy + Pillow)."""
+"""Image files in and out: PNGs written atomically with metadata in text chunks, grids, and load_rgb (numpy + Pillow)."""
 from __future__ import annotations
 
 import json

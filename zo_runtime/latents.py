@@ -1,4 +1,4 @@
-"""Training images -> VAE latents, encoded once with the VAE encoder and cached in the run folder."""
+"""The latent cache: training photos -> VAE latents (and their mirror images), encoded once per run folder."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .io_utils import atomic_write
+from .io_utils import atomic_savez
 from .model_dir import ModelDir
 from .session import OnnxModel
 
@@ -85,11 +85,6 @@ def _cache_key(model: ModelDir, paths: list[Path], resolution: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _savez(path: Path, **arrays) -> None:
-    with open(path, "wb") as f:   # a file object, so numpy does not append ".npz" to the temp name
-        np.savez(f, **arrays)
-
-
 def _encode(vae: OnnxModel, image: np.ndarray) -> np.ndarray:
     """(3, H, W) -> (2C, h, w) posterior parameters; pads the batch for a static-batch encoder."""
     shape = vae.inputs["sample"].shape
@@ -114,5 +109,5 @@ def encode_images(model: ModelDir, images_dir: str | Path, resolution: int, cach
     mean = params[:, :, :c] * sf
     std = np.exp(0.5 * np.clip(params[:, :, c:], -30.0, 20.0)) * sf    # as diffusers' DiagonalGaussianDistribution
     mean, std = mean.astype(np.float32), std.astype(np.float32)
-    atomic_write(cache, lambda p: _savez(p, mean=mean, std=std))
+    atomic_savez(cache, mean=mean, std=std)
     return Latents(names, mean, std)
