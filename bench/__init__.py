@@ -1,8 +1,8 @@
-"""Benchmarks: memory and speed of zoodip training against a PyTorch Textual Inversion reference.
+"""Benchmarks and analyses (run from a checkout; not installed). See bench/README.md for every command.
 
-    python -m bench.memory --resolution 512 --out bench/results/memory_512.json
-    python -m bench.speed --out bench/results/speed.json
-    python -m bench.plot bench/results/memory_512.json --png bench/results/memory_512.png
-
-Each contender of bench.memory runs in its own fresh subprocess so that its peak RSS is its own.
+    bench/common.py      process isolation, RSS sampling, JSON results (shared by all)
+    bench/torch_ti.py    the PyTorch Textual Inversion reference (diffusers' script recipe)
+    bench/sd/            SD-scale memory and speed on replicas (bench.sd.memory, bench.sd.speed, ...)
+    bench/toy/           toy-world quality against backprop TI (bench.toy.quality, bench.toy.pool, ...)
+    bench/analysis/      where the gradient lives (bench.analysis.grad_spectrum, bench.analysis.split)
 """

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from bench import common, memory, plot, speed, torch_ti
+from bench import common, torch_ti
+from bench.sd import memory, plot, speed
 
-IMAGES = memory.DEFAULT_IMAGES
 RES = 32   # tiny models: 16x16 latents
 
 
@@ -19,12 +19,12 @@ def test_peak_rss_sees_a_large_allocation():
     assert common.time_stats([3.0, 1.0, 2.0, 10.0])["median"] == 2.5
 
 
-def test_torch_ti_gradient_only_on_placeholder_row(tiny_diffusers):
+def test_torch_ti_gradient_only_on_placeholder_row(tiny_diffusers, photos):
     import torch
 
     cfg = torch_ti.TorchTIConfig(resolution=RES, steps=1, warmup=0, max_images=2)
     parts = torch_ti.load(tiny_diffusers, cfg)
-    latents = torch_ti.encode_images(parts, IMAGES, cfg)
+    latents = torch_ti.encode_images(parts, photos, cfg)
     assert latents.shape == (2, 4, RES // 2, RES // 2)
     ids = torch_ti.prompt_ids(parts, cfg)
     assert parts.placeholder_id in ids[0].tolist()
@@ -40,8 +40,8 @@ def test_torch_ti_gradient_only_on_placeholder_row(tiny_diffusers):
     assert changed == [parts.placeholder_id]       # weight decay's drift on other rows is restored
 
 
-def test_memory_harness_writes_expected_keys(tiny_diffusers, tiny_exported, tmp_path):
-    cfg = memory.MemoryConfig(base=tiny_diffusers, resolution=RES, zoodip_steps=3, ti_steps=1,
+def test_memory_harness_writes_expected_keys(tiny_diffusers, tiny_exported, tmp_path, photos):
+    cfg = memory.MemoryConfig(base=tiny_diffusers, resolution=RES, images=photos, zoodip_steps=3, ti_steps=1,
                               models=(tiny_exported,), log_dir=tmp_path / "logs", default_scheme="fp32")
     out = memory.run(cfg, tmp_path / "memory.json")
     res = json.loads(out.read_text())
@@ -77,7 +77,7 @@ def test_speed_worker_times_every_shape(tiny_exported):
 
 def test_text_encoder_bits_scores_against_fp32(tiny_exported, tmp_path):
     """fp32 scores itself exactly; a 4-bit copy is close but not equal, on both hidden states and differences."""
-    from bench import text_encoder_bits as teb
+    from bench.sd import text_encoder_bits as teb
 
     src = tiny_exported / "text_encoder" / "model.onnx"
     four = teb.build_4bit(src, tmp_path, 16)
@@ -91,7 +91,7 @@ def test_text_encoder_bits_scores_against_fp32(tiny_exported, tmp_path):
 
 def test_toy_grad_spectrum_reports_shares_that_add_up(tmp_path):
     """Exact toy gradients: shares are monotone in k, isotropic is k/d, and the energy sits in few dims."""
-    from bench import toy_grad_spectrum as G
+    from bench.analysis import grad_spectrum as G
     from models.toyworld import world
 
     concept = ("circle", "orange", "solid")
@@ -108,8 +108,32 @@ def test_toy_grad_spectrum_reports_shares_that_add_up(tmp_path):
     assert r["jacobian_prior_share"]["16"] > r["isotropic_share"]["16"]
 
 
+def test_the_torch_jacobian_of_the_analysis_matches_the_products(tiny_diffusers, tiny_exported):
+    """bench.analysis.grad_spectrum's torch J^T J twin agrees with zo_runtime.priors.jacobian_moment on the
+    same model (diffusers folder vs its ONNX export) for 'a photo of a sks' at the init word's row."""
+    from dataclasses import replace
+
+    from bench.analysis import grad_spectrum as G
+    from bench.toy.ti import row_optimizer
+    from zo_runtime import priors
+    from zo_runtime.model_dir import ModelDir
+    from zo_runtime.text import TextEncoder
+
+    tcfg = replace(torch_ti.TorchTIConfig(), resolution=32, init="dog", steps=1, warmup=0)
+    parts = torch_ti.load(tiny_diffusers, tcfg)
+    vec, _ = row_optimizer(parts, tcfg)
+    v0 = vec.detach().numpy()[0].astype(np.float32)
+    text = TextEncoder(ModelDir.open(tiny_exported))
+    sks = text.add_tokens(["sks"], v0[None])[0]
+    ids = text.tokenizer(["a photo of a sks"])
+    prompt = [(text.token_embeds(ids)[0], [np.flatnonzero(ids[0] == sks)])]
+    ours = priors.jacobian_moment(text, prompt, v0[None])
+    twin = G.jacobian_moment(parts, vec, v0)
+    assert np.linalg.norm(ours - twin) < 1e-3 * np.linalg.norm(twin)
+
+
 def test_goal_lines_judge_the_step_goal_at_512_px_only():
-    from bench import plot
+    from bench.sd import plot
 
     def mem(px, ratio):
         return {"resolution": px, "default_scheme": "w8",
@@ -122,7 +146,7 @@ def test_goal_lines_judge_the_step_goal_at_512_px_only():
 
 
 def test_toy_split_parts_add_up_and_shares_follow_the_spectrum():
-    from bench.toy_split import split
+    from bench.analysis.split import split
 
     d = 8
     moment = np.diag(np.arange(d, 0, -1, dtype=np.float64))      # eigen-directions = the axes, dim 0 stiffest

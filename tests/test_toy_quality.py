@@ -1,4 +1,4 @@
-"""bench.toy_quality: the one-concept smoke version of the held-out-concept benchmark, end to end.
+"""bench.toy.quality: the one-concept smoke version of the held-out-concept benchmark, end to end.
 
 Few steps and few images keep it to about a minute; the assertions are on values the benchmark
 must get right whatever the training length: the oracle (concept in words) beats the init word,
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import toy_quality
-from bench.toy_eval import eval_backgrounds, prompts_for
+from bench.toy import quality as toy_quality
+from bench.toy.eval import eval_backgrounds, prompts_for
 from models.toyworld import world
 
 STEPS = 8
@@ -46,7 +46,7 @@ def test_summary_passes_to_90pct_of_ti():
 
 def test_pool_ratio_interval_and_passes(tmp_path):
     """Paired units: a method at exactly half of TI on every concept has ratio 0.5 and a zero-width interval."""
-    from bench import toy_pool
+    from bench.toy import pool as toy_pool
 
     def res(seed, pairs):
         row = lambda f: {"curve": [{"forward_passes": 10, "concept_fidelity": f / 2},
@@ -102,7 +102,7 @@ def test_one_concept_smoke(tmp_path, monkeypatch):
     assert again["zoodip"]["train_seconds"] == m["zoodip"]["train_seconds"]
     assert before <= out.with_name("toy_samples.png").stat().st_mtime
     # Extending past the budget resumes the checkpoint: the same vector a fresh 12-step run makes.
-    from bench import toy_extend
+    from bench.toy import extend as toy_extend
     from zo_runtime.embeds import load_learned_embeds
     from zo_runtime.train import train
 
@@ -111,7 +111,7 @@ def test_one_concept_smoke(tmp_path, monkeypatch):
     z = json.loads(ext.read_text())["methods"]["zoodip"]
     assert [p for p, _ in z["curve"]] == [3, 6, 12, 24, 36]          # the 4 budget points + 12 steps x 3 passes
     spec = res["concepts"][0]
-    from bench.toy_method import zo_config
+    from bench.toy.method import zo_config
     from dataclasses import replace
     monkeypatch.setenv("ZOODIP_THREADS", "1")     # bit-equality needs the same thread count (float sums)
     fresh = train(spec["models"]["w8"], spec["images"], tmp_path / "fresh", replace(zo_config(spec, "zoodip"), steps=12))
@@ -120,7 +120,7 @@ def test_one_concept_smoke(tmp_path, monkeypatch):
 
 
 def test_pass_budgeted_methods_are_scored_at_zoodips_forward_passes():
-    from bench import toy_method
+    from bench.toy import method as toy_method
 
     spec = {"init": "circle", "seed": 1, "zo": {"lr": 0.02}, "eval_at": [375, 750, 1500, 3000]}
     assert toy_method.eval_steps(spec, "zoodip") == [375, 750, 1500, 3000]

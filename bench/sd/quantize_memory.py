@@ -1,6 +1,6 @@
 """Peak RSS and wall time of building the SD 1.5 replica, exporting it and quantizing it per scheme.
 
-    python -m bench.quantize_memory --base runs/sd15 --schemes w8 w4 w8a8 --out bench/results/quantize_memory.json
+    python -m bench.sd.quantize_memory --base runs/sd15 --schemes w8 w4 w8a8 --out bench/results/quantize_memory.json
 
 Each stage is the user's command (`zoodip replica`, `zoodip export`, `zoodip quantize`) in its own
 process, measured by the kernel (os.wait4 rusage of that child). Stages whose output already exists
@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import common
-from .memory import DEFAULT_IMAGES
+from .. import common
+from .shared import DEFAULT_IMAGES, default_photos
 
 GOAL_GB = 12.0    # export + quantize must fit a 16 GB laptop (issue goal)
 
@@ -49,19 +49,19 @@ def run(base: Path, schemes: list[str], out: str | Path, calib: Path = DEFAULT_I
     for name, folder, cmd in stages(base, schemes, calib, replica_kind):
         if _done(folder):
             result["stages"][name] = {"reused": True, "folder": str(folder)}
-            print(f"[bench.quantize_memory] {name}: {folder} exists, reused (not measured)", flush=True)
+            print(f"[bench.sd.quantize_memory] {name}: {folder} exists, reused (not measured)", flush=True)
             continue
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(f"{folder} exists but is incomplete (another job may be writing it): wait, "
                                   f"or pass a new --base")
-        print(f"[bench.quantize_memory] {name} -> {folder} ...", flush=True)
+        print(f"[bench.sd.quantize_memory] {name} -> {folder} ...", flush=True)
         r = common.run_measured(cmd, log=log_dir / f"quantize_memory_{name}.log", timeout=timeout_s)
         if r["returncode"] != 0:
             raise RuntimeError(f"{name} failed (exit {r['returncode']}); see {log_dir / f'quantize_memory_{name}.log'}")
         r["peak_rss_gb"] = r["peak_rss_gb_wait4"]
         r["goal_met"] = r["peak_rss_gb"] < GOAL_GB
         result["stages"][name] = r
-        print(f"[bench.quantize_memory]   peak RSS {r['peak_rss_gb']} GiB, {r['wall_seconds']} s", flush=True)
+        print(f"[bench.sd.quantize_memory]   peak RSS {r['peak_rss_gb']} GiB, {r['wall_seconds']} s", flush=True)
         common.write_json(out, result)            # keep what is done if a later stage fails
     result["utc_end"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return common.write_json(out, result)
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="runs/sd15")
     p.add_argument("--replica", default="sd15", help="replica kind for `zoodip replica` when BASE is missing")
     p.add_argument("--schemes", nargs="*", default=["w8", "w4", "w8a8"])
-    p.add_argument("--calib-images", default=str(DEFAULT_IMAGES))
+    p.add_argument("--calib-images", default=str(DEFAULT_IMAGES), help="calibration photos [default: procedural ones]")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    print(f"wrote {run(Path(a.base), a.schemes, a.out, Path(a.calib_images), a.replica)}")
+    print(f"wrote {run(Path(a.base), a.schemes, a.out, default_photos() if Path(a.calib_images) == DEFAULT_IMAGES else Path(a.calib_images), a.replica)}")
 
 
 if __name__ == "__main__":

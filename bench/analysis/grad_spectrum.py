@@ -1,6 +1,6 @@
 """How many directions does the true TI gradient use on the toy world? (torch, bench side only)
 
-    python -m bench.toy_grad_spectrum --concept runs/ttq/base/seed1-steps3000/c3-circle-orange-solid \
+    python -m bench.analysis.grad_spectrum --concept runs/ttq/base/seed1-steps3000/c3-circle-orange-solid \
         --init circle --draws 150 --out bench/results/toy_grad_spectrum.json [--vector learned_embeds.safetensors ...]
 
 At v (the init row, or a trained vector) it takes the exact gradient of zoodip's loss (PUTS t in
@@ -23,10 +23,10 @@ import numpy as np
 from models.toyworld import world
 from zo_runtime.prompts import OBJECT_TEMPLATES
 
-from . import common, torch_ti
-from .toy_ti import _ids, _row_optimizer
+from .. import common, torch_ti
+from ..toy.shared import PIPELINE
+from ..toy.ti import row_optimizer, token_ids
 
-PIPELINE = Path(__file__).resolve().parents[1] / "models" / "toyworld" / "pipeline"
 KS = (4, 8, 16, 32, 64)
 
 
@@ -37,7 +37,7 @@ def gradients(parts, latents, vec, v: np.ndarray, draws: int, seed: int = 0) -> 
     gen, rng, sch, out = torch.Generator().manual_seed(seed), random.Random(seed), parts.scheduler, []
     for _ in range(draws):
         vec.data[:] = torch.tensor(v)[None]
-        ids = _ids(parts, rng.choice(OBJECT_TEMPLATES).format("sks"))
+        ids = token_ids(parts, rng.choice(OBJECT_TEMPLATES).format("sks"))
         i = int(torch.randint(0, latents.shape[0], (1,), generator=gen))
         x0 = latents[i:i + 1].flip(3) if torch.rand(1, generator=gen) < 0.5 else latents[i:i + 1]
         noise, t = torch.randn(x0.shape, generator=gen), torch.randint(500, 900, (1,), generator=gen)
@@ -63,7 +63,7 @@ def jacobian_moment(parts, vec, v: np.ndarray, h: float = 1e-2) -> np.ndarray:
     """J^T J of the text encoder at v for 'a photo of a sks', finite differences like priors.jacobian_moment."""
     import torch
 
-    ids = _ids(parts, "a photo of a sks")
+    ids = token_ids(parts, "a photo of a sks")
     with torch.no_grad():
         def enc(x):
             vec.data[:] = torch.tensor(x)[None]
@@ -80,7 +80,7 @@ def analyse(concept: Path, init: str, draws: int, vector: str | None) -> dict:
     tcfg = replace(torch_ti.TorchTIConfig(), resolution=64, init=init, steps=1, warmup=0)
     parts = torch_ti.load(PIPELINE, tcfg)
     latents = torch_ti.encode_images(parts, concept / "images", tcfg)
-    vec, _ = _row_optimizer(parts, tcfg)
+    vec, _ = row_optimizer(parts, tcfg)
     v = vec.detach()[0].numpy().copy()
     if vector:
         from zo_runtime.embeds import load_learned_embeds
@@ -105,7 +105,7 @@ def analyse(concept: Path, init: str, draws: int, vector: str | None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--concept", type=Path, required=True, help="a bench.toy_quality concept folder (has images/)")
+    p.add_argument("--concept", type=Path, required=True, help="a bench.toy.quality concept folder (has images/)")
     p.add_argument("--init", required=True, help="the init word (the concept's shape)")
     p.add_argument("--draws", type=int, default=150)
     p.add_argument("--vector", action="append", default=[],
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     if not (a.concept / "images").is_dir():
-        raise SystemExit(f"{a.concept}/images is missing: point --concept at a bench.toy_quality concept folder")
+        raise SystemExit(f"{a.concept}/images is missing: point --concept at a bench.toy.quality concept folder")
     res = {"results": [analyse(a.concept, a.init, a.draws, v) for v in [None, *a.vector]],
            "machine": common.machine_facts()}
     common.write_json(a.out, res)

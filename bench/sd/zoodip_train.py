@@ -1,7 +1,7 @@
 """One short zoodip training run in this process (torch-free): peak RSS, step time, session.run share.
 
-Run by bench.memory and bench.speed in a fresh subprocess per model folder:
-    python -m bench.zoodip_train MODEL --images DIR --resolution 512 --steps 4 --result OUT.json
+Run by bench.sd.memory and bench.sd.speed in a fresh subprocess per model folder:
+    python -m bench.sd.zoodip_train MODEL --images DIR --resolution 512 --steps 4 --result OUT.json
 
 Step times come from the trainer's own log.jsonl (`seconds` per step); the time spent inside
 onnxruntime is measured by wrapping InferenceSession.run / run_with_iobinding, so the share of a
@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from . import common
+from .. import common
 
 # Defaults of the measurement (not of zoodip): few steps, because one fp32 step at 512 px is ~15 s here.
 STEPS = 4          # timed steps = STEPS - WARMUP

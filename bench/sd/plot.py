@@ -1,6 +1,6 @@
-"""PNG memory bars and the README's markdown tables, generated from bench.memory / bench.speed JSON.
+"""PNG memory bars and the README's markdown tables, generated from bench.sd.memory / bench.sd.speed JSON.
 
-    python -m bench.plot bench/results/memory_512.json bench/results/memory_256.json \
+    python -m bench.sd.plot bench/results/memory_512.json bench/results/memory_256.json \
         --speed bench/results/speed.json --png bench/results/memory.png --table bench/results/table.md
 """
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 
 from zo_runtime.io_utils import atomic_write, atomic_write_text
 
-from .memory import GOAL_RSS_RATIO, GOAL_STEP_SLACK
-from .speed import N_QUERIES
+from .shared import GOAL_RSS_RATIO, GOAL_STEP_SLACK, N_QUERIES
 
 SCHEME_ORDER = ("fp32", "fp16", "w8", "w8a8", "w4")
 
@@ -20,7 +19,7 @@ SCHEME_ORDER = ("fp32", "fp16", "w8", "w8a8", "w4")
 def load(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p} is missing: run `python -m bench.memory --out {p}` (or bench.speed) first")
+        raise FileNotFoundError(f"{p} is missing: run `python -m bench.sd.memory --out {p}` (or bench.sd.speed) first")
     return json.loads(p.read_text())
 
 
@@ -196,8 +195,8 @@ def render(mems: list[dict], speed: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("memory", nargs="*", help="bench.memory JSON files (one per resolution)")
-    p.add_argument("--speed", default=None, help="bench.speed JSON")
+    p.add_argument("memory", nargs="*", help="bench.sd.memory JSON files (one per resolution)")
+    p.add_argument("--speed", default=None, help="bench.sd.speed JSON")
     p.add_argument("--png", default=None, help="memory bar chart to write")
     p.add_argument("--timeline-png", default=None, help="RSS-over-time plot of the first memory JSON")
     p.add_argument("--table", default=None, help="markdown file to write (also printed)")

@@ -1,6 +1,6 @@
 """The three quantization gates for every scheme on one exported model, as JSON and a README table.
 
-    python -m bench.quantize_gates MODEL --calib-images DIR --out bench/results/quantize_gates_tiny.json
+    python -m bench.sd.quantize_gates MODEL --calib-images DIR --out bench/results/quantize_gates_tiny.json
 
 Each scheme is quantized with `--no-gate` (so a missed gate is measured, not fatal) into --work, with the
 default calibration and gate settings of `zoodip quantize`; existing quantizations are reused.
@@ -14,7 +14,7 @@ from export.quantize import SCHEMES, QuantizeConfig, quantize_model
 from zo_runtime.io_utils import atomic_write_json
 from zo_runtime.model_dir import ModelDir
 
-from . import common
+from .. import common
 
 
 def measure(model: Path, calib: Path, work: Path, schemes=SCHEMES, target: str = "cpu") -> dict:

@@ -1,14 +1,14 @@
-"""Continue finished toy_quality zoodip runs past the budget, to see how many passes reach 90% of TI.
+"""Continue finished toy-world zoodip runs past the budget, to see how many passes reach 90% of TI.
 
-    python -m bench.toy_extend bench/results/toy_quality_3000.json ... --method zoodip --to 4500 6000 \
+    python -m bench.toy.extend bench/results/toy_quality_3000.json ... --method zoodip --to 4500 6000 \
         --jobs 2 --out bench/results/toy_quality_extended.json
 
 For every concept of every result file: copy WORK/<concept>/<method>/ (its checkpoint is at the last
 eval step) to <method>_ext/, resume training to each --to step (resume is exact at the same thread
 count, and a constant lr does not depend on the run's length, so this is the run a longer --steps
-would have made; use --jobs > 1 after a toy_quality --jobs > 1 run: one thread each), score like
-toy_method, and keep the concept's curve with the new points appended. Then pool everything like
-bench.toy_pool: ratio to backprop TI at the last step with its interval, and passes to 90% of TI's
+would have made; use --jobs > 1 after a bench.toy.quality --jobs > 1 run: one thread each), score like
+method, and keep the concept's curve with the new points appended. Then pool everything like
+bench.toy.pool: ratio to backprop TI at the last step with its interval, and passes to 90% of TI's
 final on the pooled curve. Finished concepts are kept (<method>_ext.result.json), so a rerun resumes.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import common, toy_method, toy_pool, toy_quality
-from .toy_method import ZO_METHODS
+from .. import common
+from . import method as toy_method, pool as toy_pool, quality as toy_quality
+from .method import ZO_METHODS
 
 
 def extend(spec: dict, method: str, to: list[int]) -> dict:
@@ -44,7 +45,7 @@ def extended_results(results: list[dict], method: str, to: list[int], jobs: int)
         if done.is_file() and [p["step"] for p in json.loads(done.read_text())["curve"]] == to:
             return json.loads(done.read_text())
         args = ["--worker", str(Path(spec["work"]) / "concept.json"), "--method", method, "--to", *map(str, to)]
-        res = common.run_isolated("bench.toy_extend", args, Path(spec["work"]) / f"{method}_ext.log",
+        res = common.run_isolated("bench.toy.extend", args, Path(spec["work"]) / f"{method}_ext.log",
                                   env=toy_quality.job_env(jobs))
         common.write_json(done, res)
         return res
@@ -61,7 +62,7 @@ def extended_results(results: list[dict], method: str, to: list[int], jobs: int)
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="*", type=Path, help="bench.toy_quality result JSON files")
+    p.add_argument("results", nargs="*", type=Path, help="bench.toy.quality result JSON files")
     p.add_argument("--method", default="zoodip", choices=sorted(ZO_METHODS))
     p.add_argument("--to", type=int, nargs="+", required=True, help="steps to train on to and score at")
     p.add_argument("--jobs", type=int, default=1, help="concepts at once, one thread each")

@@ -1,13 +1,13 @@
 """Where does a trained token's displacement go, and which part carries the concept? (torch, bench side)
 
-    python -m bench.toy_split runs/ttq/base/seed1-steps3000 --method zoodip \
+    python -m bench.analysis.split runs/ttq/base/seed1-steps3000 --method zoodip \
         --out bench/results/toy_split_seed1.json
 
-For every concept folder of a bench.toy_quality work dir with a finished METHOD run: v0 is the init
+For every concept folder of a bench.toy.quality work dir with a finished METHOD run: v0 is the init
 word's row, v the trained vector, dv = v - v0. The text encoder's J^T J at v0 (finite differences,
 toy_grad_spectrum.jacobian_moment) splits R^d into its top half of eigen-directions (stiff: the
 encoder's output moves most) and its bottom half (flat). Reported: the share of |dv|^2 in the top 16 and
-in the flat half, and the concept fidelity (bench.toy_eval, same prompts and seeds as the benchmark) of
+in the flat half, and the concept fidelity (bench.toy.eval, same prompts and seeds as the benchmark) of
 v, of v0 + the stiff part of dv, of v0 + the flat part, and of v0. It tells whether a direction prior
 that favours either half (zo_runtime.priors, --prior-power) can find the solution.
 """
@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common, torch_ti, toy_method
-from .toy_grad_spectrum import PIPELINE, eig_desc, jacobian_moment
-from .toy_ti import _row_optimizer
+from .. import common, torch_ti
+from ..toy import method as toy_method
+from ..toy.shared import PIPELINE, TOKEN
+from ..toy.ti import row_optimizer
+from .grad_spectrum import eig_desc, jacobian_moment
 
 
 def init_row_and_moment(init: str) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +34,7 @@ def init_row_and_moment(init: str) -> tuple[np.ndarray, np.ndarray]:
     torch.set_num_threads(1)
     cfg = replace(torch_ti.TorchTIConfig(), resolution=64, init=init, steps=1, warmup=0)
     parts = torch_ti.load(PIPELINE, cfg)
-    vec, _ = _row_optimizer(parts, cfg)
+    vec, _ = row_optimizer(parts, cfg)
     v0 = vec.detach()[0].numpy().copy()
     return v0, jacobian_moment(parts, vec, v0)
 
@@ -63,8 +65,8 @@ def analyse(concept: Path, method: str) -> dict | None:
     scores = {}
     for name, x in (("trained", v), ("v0_plus_stiff", v0 + parts["stiff"]), ("v0_plus_flat", v0 + parts["flat"]),
                     ("v0", v0)):
-        ev.set_token(toy_method.TOKEN, x.astype(np.float32)[None])
-        scores[name] = ev.score(toy_method.TOKEN)[0]["concept_fidelity"]
+        ev.set_token(TOKEN, x.astype(np.float32)[None])
+        scores[name] = ev.score(TOKEN)[0]["concept_fidelity"]
     return {"concept": concept.name, "method": method, "norm_v0": round(float(np.linalg.norm(v0)), 3),
             "norm_dv": round(float(np.linalg.norm(v - v0)), 3), "top16_share": round(parts["top16_share"], 3),
             "flat_share": round(parts["flat_share"], 3), "concept_fidelity": scores}
@@ -72,13 +74,13 @@ def analyse(concept: Path, method: str) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("work", type=Path, help="a bench.toy_quality draw folder (seedS-stepsN/ with concept folders)")
+    p.add_argument("work", type=Path, help="a bench.toy.quality draw folder (seedS-stepsN/ with concept folders)")
     p.add_argument("--method", default="zoodip")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     concepts = sorted(c for c in a.work.glob("c*") if (c / "concept.json").is_file())
     if not concepts:
-        raise SystemExit(f"{a.work} holds no concept folders: point it at a bench.toy_quality seedS-stepsN folder")
+        raise SystemExit(f"{a.work} holds no concept folders: point it at a bench.toy.quality seedS-stepsN folder")
     rows = [r for r in (analyse(c, a.method) for c in concepts) if r]
     for r in rows:
         print(r)

@@ -1,4 +1,4 @@
-"""Backprop Textual Inversion on the fp32 toy model: the quality reference of bench.toy_quality.
+"""Backprop Textual Inversion on the fp32 toy model: the quality reference of bench.toy.quality.
 
 The diffusers script's recipe (bench.torch_ti.load: frozen fp32 UNet/VAE/text encoder, AdamW, only the
 placeholder row learns), trained for real: a random object template per step like the script, batch 1,
@@ -21,7 +21,7 @@ import numpy as np
 
 from zo_runtime.prompts import OBJECT_TEMPLATES
 
-from . import torch_ti
+from .. import torch_ti
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ToyTIConfig:
     threads: int = 1
 
 
-def _ids(parts, prompt: str):
+def token_ids(parts, prompt: str):
     tok = parts.tokenizer
     return tok(prompt, padding="max_length", truncation=True, max_length=tok.model_max_length,
                return_tensors="pt").input_ids
@@ -60,7 +60,7 @@ def _loss(parts, latents, ids, t_range, gen):
     return F.mse_loss(pred.float(), target.float())
 
 
-def _row_optimizer(parts, tcfg):
+def row_optimizer(parts, tcfg):
     """A trainable (1, d) placeholder row spliced into the (frozen) embedding output; AdamW on it alone."""
     import torch
 
@@ -90,12 +90,12 @@ def train_ti(pipeline_dir: str | Path, images_dir: str | Path, init: str, cfg: T
     parts = torch_ti.load(pipeline_dir, tcfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     latents = torch_ti.encode_images(parts, images_dir, tcfg)               # (N, C, h, w), encoded once
-    vec, opt = _row_optimizer(parts, tcfg)
+    vec, opt = row_optimizer(parts, tcfg)
     rng = random.Random(cfg.seed)
     losses, train_s = [], 0.0
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
-        ids = _ids(parts, rng.choice(OBJECT_TEMPLATES).format(tcfg.token))
+        ids = token_ids(parts, rng.choice(OBJECT_TEMPLATES).format(tcfg.token))
         loss = _loss(parts, latents, ids, cfg.t_range, gen)
         loss.backward()
         opt.step()

@@ -1,10 +1,10 @@
 """Held-out-concept personalization benchmark on the toy world: zoodip vs backprop TI, floors and ablations.
 
-    python -m bench.toy_quality --concepts 4 --seed 0 --steps 2000 --out bench/results/toy_quality.json
+    python -m bench.toy.quality --concepts 4 --seed 0 --steps 2000 --out bench/results/toy_quality.json
 
 For each of K held-out concepts (seeded draw): 5 training images, then every method trains (if it
 trains) in its own process and is scored at several steps on 4 prompts x 8 images by the attribute
-classifier (bench.toy_eval). Finished (concept, method) results are kept under --work, so an
+classifier (bench.toy.eval). Finished (concept, method) results are kept under --work, so an
 interrupted run resumes where it stopped. Writes FILE.json, a PNG figure and a markdown table.
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from models.toyworld import world
 
-from . import common
-from .toy_eval import ToyEvalConfig, eval_backgrounds
-from .toy_method import METHODS
+from .. import common
+from .eval import ToyEvalConfig, eval_backgrounds
+from .method import METHODS
+from .shared import PIPELINE
 
-PIPELINE = Path(__file__).resolve().parents[1] / "models" / "toyworld" / "pipeline"
 IMAGES_PER_CONCEPT = 5          # the issue's (and DreamBooth's) 3-5 photos, at the top
 CALIB_IMAGES = 16               # procedural images of training triples for w8 calibration and gates
 # zoodip settings of this benchmark: the trainer's defaults except lr (see README "Toy world" for the sweep).
@@ -75,7 +75,7 @@ def write_concept(work: Path, i: int, concept, args, models: dict) -> Path:
             "models": models, "pipeline": str(PIPELINE), "seed": args.seed, "eval_at": eval_at,
             "backgrounds": eval_backgrounds(concept, scenes, ToyEvalConfig.backgrounds, img_seed),
             "train_backgrounds": [s.background for s in scenes], "zo": {**DEFAULT_ZO, **args.zo},
-            "ti": args.ti, "eval": args.eval, "vocabulary": str((work / "vocabulary.txt").resolve())}
+            "ti": args.ti, "eval": args.eval}
     path = folder / "concept.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     if old != spec:                       # new settings: earlier method results no longer apply
@@ -96,7 +96,7 @@ def run_method(spec_path: Path, method: str, log: Path, jobs: int = 1) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     shutil.rmtree(spec_path.parent / method, ignore_errors=True)     # a killed run's partial training
-    res = common.run_isolated("bench.toy_method", [method, "--concept", str(spec_path)], log, env=job_env(jobs))
+    res = common.run_isolated("bench.toy.method", [method, "--concept", str(spec_path)], log, env=job_env(jobs))
     common.write_json(done, res)
     return res
 
@@ -167,13 +167,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_all(a, methods: list[str]) -> dict:
-    from . import toy_report
+    from . import report
 
     work = a.work / f"seed{a.seed}-steps{a.steps}"
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
     models = prepare_models(a.work, log)
-    (work / "vocabulary.txt").write_text("\n".join(world.vocabulary()) + "\n")   # prior of vocab directions
     picked = concepts(a.concepts, a.seed)
     specs = [write_concept(work, i, c, a, models) for i, c in enumerate(picked)]
     bar = tqdm(total=len(specs) * len(methods), desc="toy quality", unit="run")
@@ -197,8 +196,8 @@ def run_all(a, methods: list[str]) -> dict:
            "per_concept": results,
            "methods": summarize(results, methods), "machine": common.machine_facts()}
     common.write_json(a.out, out)
-    toy_report.write(out, a.out)
-    print(toy_report.table(out))
+    report.write(out, a.out)
+    print(report.table(out))
     return out
 
 

@@ -1,8 +1,8 @@
 """Peak RSS and step time: zoodip training per scheme vs a PyTorch Textual Inversion step, side by side.
 
-    python -m bench.memory --resolution 512 --out bench/results/memory_512.json
+    python -m bench.sd.memory --resolution 512 --out bench/results/memory_512.json
 
-Every contender runs in its own fresh subprocess (bench.zoodip_train, bench.torch_ti), one at a
+Every contender runs in its own fresh subprocess (bench.sd.zoodip_train, bench.torch_ti), one at a
 time, so each peak RSS is that process's own. Model folders follow one naming scheme:
 BASE (diffusers, for torch_ti), BASE-onnx (fp32 export), BASE-w8, BASE-w4, BASE-w8a8, BASE-fp16.
 """
@@ -14,15 +14,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import common
+from .. import common
+from .shared import DEFAULT_IMAGES, GOAL_RSS_RATIO, GOAL_STEP_SLACK, default_photos
 
 # Folder suffix -> scheme, in the order they are run and shown (fp32 first: the unquantized baseline).
 SCHEME_SUFFIXES = {"onnx": "fp32", "w8": "w8", "w4": "w4", "w8a8": "w8a8", "fp16": "fp16"}
-# Photos every contender trains on: a real DreamBooth subject, as in the paper's protocol.
-DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "dreambooth" / "dog"
-# The issue's goals, checked in the JSON so the table can say met / not met.
-GOAL_RSS_RATIO = 5.0          # torch_ti peak RSS / zoodip peak RSS at 512 px
-GOAL_STEP_SLACK = 0.05        # a zoodip step <= (n+1) UNet forwards + 5%
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,7 @@ def run_zoodip(cfg: MemoryConfig, folder: Path, name: str, unet_batch: str = "de
             "--steps", str(cfg.zoodip_steps), "--warmup", "1"]
     if unet_batch != "default":
         args += ["--unet-batch", unet_batch]
-    return common.run_isolated("bench.zoodip_train", args, log=_log(cfg, name), timeout=cfg.timeout_s)
+    return common.run_isolated("bench.sd.zoodip_train", args, log=_log(cfg, name), timeout=cfg.timeout_s)
 
 
 def run_torch_ti(cfg: MemoryConfig) -> dict:
@@ -136,7 +132,7 @@ def run(cfg: MemoryConfig, out: str | Path, merge: bool = False) -> Path:
             for ub in cfg.unet_batch:
                 # Key: the scheme, plus the UNet batching when it is not the trainer's default.
                 key = scheme if ub == "default" else f"{scheme} unet-batch={ub}"
-                print(f"[bench.memory] zoodip {key} ({folder}) at {cfg.resolution} px ...", flush=True)
+                print(f"[bench.sd.memory] zoodip {key} ({folder}) at {cfg.resolution} px ...", flush=True)
                 result["schemes"][key] = _slim(run_zoodip(cfg, folder, key, ub))
                 result["schemes"][key]["gates_passed"] = gates_passed(folder)
                 _report(key, result["schemes"][key])
@@ -147,7 +143,7 @@ def run(cfg: MemoryConfig, out: str | Path, merge: bool = False) -> Path:
         result["default_scheme"] = default
         result["zoodip"] = schemes[default]
     if "torch_ti" in cfg.contenders:
-        print(f"[bench.memory] torch_ti ({cfg.base}) at {cfg.resolution} px ...", flush=True)
+        print(f"[bench.sd.memory] torch_ti ({cfg.base}) at {cfg.resolution} px ...", flush=True)
         result["torch_ti"] = _slim(run_torch_ti(cfg))
         _report("torch_ti", result["torch_ti"])
     result["summary"] = summarize(result)
@@ -157,7 +153,7 @@ def run(cfg: MemoryConfig, out: str | Path, merge: bool = False) -> Path:
 
 
 def _report(name: str, res: dict) -> None:
-    print(f"[bench.memory]   {name}: peak RSS {res.get('peak_rss_gb')} GiB, step {res.get('step_seconds')} s, "
+    print(f"[bench.sd.memory]   {name}: peak RSS {res.get('peak_rss_gb')} GiB, step {res.get('step_seconds')} s, "
           f"{res.get('forward_passes_per_step')} forward passes/step", flush=True)
 
 
@@ -172,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="JSON file to write (e.g. bench/results/memory_512.json)")
     p.add_argument("--base", default=str(MemoryConfig.base), help="diffusers replica; BASE-onnx, BASE-w8 ... beside it")
     p.add_argument("--models", nargs="*", default=None, help="explicit zoodip model folders instead of BASE-*")
-    p.add_argument("--images", default=str(DEFAULT_IMAGES))
+    p.add_argument("--images", default=str(DEFAULT_IMAGES), help="training photos [default: procedural ones]")
     p.add_argument("--default-scheme", default=MemoryConfig.default_scheme)
     p.add_argument("--zoodip-steps", type=int, default=MemoryConfig.zoodip_steps)
     p.add_argument("--unet-batch", nargs="+", default=list(MemoryConfig.unet_batch),
@@ -182,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-dir", default=str(MemoryConfig.log_dir))
     p.add_argument("--merge", action="store_true", help="keep contenders already in --out, add the ones run now")
     a = p.parse_args(argv)
-    cfg = MemoryConfig(base=Path(a.base), resolution=a.resolution, images=Path(a.images),
+    cfg = MemoryConfig(base=Path(a.base), resolution=a.resolution, images=default_photos() if Path(a.images) == DEFAULT_IMAGES else Path(a.images),
                        default_scheme=a.default_scheme, zoodip_steps=a.zoodip_steps, unet_batch=tuple(a.unet_batch), ti_steps=a.ti_steps,
                        contenders=(a.only,) if a.only else MemoryConfig.contenders, log_dir=Path(a.log_dir),
                        models=tuple(Path(m) for m in a.models or ()))

@@ -1,6 +1,6 @@
-"""Pictures and a table from a bench.toy_quality result: what people look at first.
+"""Pictures and a table from a bench.toy.quality result: what people look at first.
 
-    python -m bench.toy_report bench/results/toy_quality.json   # rewrites the .md/.png beside it
+    python -m bench.toy.report bench/results/toy_quality.json   # rewrites the .md/.png beside it
 
 - FILE.md: one row per method (fidelities, passes, time, RSS, passes to 90% of backprop TI).
 - FILE_samples.png: for a few concepts, the training images, then each method's 'a photo of sks' samples.
@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 from zo_runtime.image_io import load_rgb
 from zo_runtime.io_utils import atomic_write, atomic_write_text
 
-from .toy_method import REPORTED, label
+from .method import REPORTED, label
+from .shared import GOAL_PASSES
 
-GOAL_PASSES = 9000     # the issue's budget: 1/10 of the reference 30,000 steps x 3 passes
 
 
 def ordered(res: dict) -> list[str]:

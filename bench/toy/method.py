@@ -1,8 +1,8 @@
 """One method on one toy-world concept, in its own process (so its peak RSS is its own).
 
-    python -m bench.toy_method METHOD --concept WORK/concept.json --result OUT.json
+    python -m bench.toy.method METHOD --concept WORK/concept.json --result OUT.json
 
-concept.json (written by bench.toy_quality) names the concept, its training images, the models,
+concept.json (written by bench.toy.quality) names the concept, its training images, the models,
 the eval steps and the zoodip settings. Trains, scores the token at each eval step (a fidelity
 curve against forward passes) and saves the final samples for the figure.
 """
@@ -19,8 +19,9 @@ import numpy as np
 from models.toyworld.attributes import to_array
 from zo_runtime.image_io import load_rgb
 
-from . import common
-from .toy_eval import ToyEvalConfig, ToyEvaluator
+from .. import common
+from .eval import ToyEvalConfig, ToyEvaluator
+from .shared import TOKEN
 
 # zoodip runs: (scheme, the trainer's settings overridden, label); ablations change one thing each.
 ZO_METHODS = {
@@ -79,7 +80,6 @@ def label(method: str) -> str:
     return RETIRED.get(method) or OTHER_LABELS.get(method, method)
 
 
-TOKEN = "sks"
 
 
 def zo_config(spec: dict, method: str):
@@ -137,7 +137,7 @@ def evaluator(spec: dict, scheme: str) -> ToyEvaluator:
 
 
 def _ti_curve(spec: dict, ev: ToyEvaluator) -> tuple[list, dict]:
-    from .toy_ti import ToyTIConfig, train_ti
+    from .ti import ToyTIConfig, train_ti
 
     cfg = ToyTIConfig(steps=max(spec["eval_at"]), seed=spec["seed"], **spec.get("ti", {}))
     curve, last = [], {}
@@ -181,7 +181,7 @@ def run(method: str, spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("method", choices=METHODS)
-    p.add_argument("--concept", required=True, help="concept.json written by bench.toy_quality")
+    p.add_argument("--concept", required=True, help="concept.json written by bench.toy.quality")
     p.add_argument("--result", required=True)
     a = p.parse_args(argv)
     spec = json.loads(Path(a.concept).read_text())

@@ -1,6 +1,6 @@
 """Activation memory of one SD 1.5 self-attention at 512 px in onnxruntime: plain vs head-sliced export.
 
-    python -m bench.attention_memory --out bench/results/attention_memory.json
+    python -m bench.sd.attention_memory --out bench/results/attention_memory.json
 
 The first UNet block attends over 64x64 = 4096 latent tokens with 8 heads; exported plainly, ORT
 materializes (8, 4096, 4096) fp32 scores and probabilities (0.5 GiB each). diffusers' SlicedAttnProcessor
@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import common
+from .. import common
 
 TOKENS, DIM, HEADS = 4096, 320, 8      # SD 1.5 down_blocks.0 self-attention at 512 px
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--out is required")
     with tempfile.TemporaryDirectory() as tmp:
         models = export(Path(tmp))
-        res = {name: common.run_isolated("bench.attention_memory", ["--measure", str(m)]) for name, m in models.items()}
+        res = {name: common.run_isolated("bench.sd.attention_memory", ["--measure", str(m)]) for name, m in models.items()}
     res = {"shape": {"tokens": TOKENS, "dim": DIM, "heads": HEADS}, "variants": res, "machine": common.machine_facts()}
     print(f"wrote {common.write_json(a.out, res)}")
     for name, r in res["variants"].items():

@@ -1,6 +1,6 @@
 """Text encoder per weight format: batch-3 time and fidelity to fp32 (why the 256 px step misses 1.05x).
 
-    python -m bench.text_encoder_bits --export runs/sd15-onnx-sliced --w8 runs/sd15-sliced-w8c \
+    python -m bench.sd.text_encoder_bits --export runs/sd15-onnx-sliced --w8 runs/sd15-sliced-w8c \
         --out bench/results/text_encoder_bits.json
 
 Builds 4-bit MatMulNBits copies (fp32 compute) of the exported text encoder at block 16 and 32 under
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common
+from .. import common
 
 IDS = [49406, 320, 1125, 539, 320, 1929, 49407]     # "a photo of a dog", CLIP BPE; "dog" (slot 5) is perturbed
 SLOT, MU, DIRECTIONS, REPEATS = 5, 1e-3, 8, 7

@@ -1,10 +1,10 @@
 """Forward time per scheme (UNet, text encoder; batch 1 and n+1; 512 and 256 px) and a step's overhead share.
 
-    python -m bench.speed --out bench/results/speed.json
+    python -m bench.sd.speed --out bench/results/speed.json
 
 Each model folder is timed in its own fresh subprocess (`--worker FOLDER`), through the same
 OnnxModel boundary the trainer uses, on seeded random inputs of the real shapes. Then one short
-zoodip training run (bench.zoodip_train) on the default scheme measures the share of a step spent
+zoodip training run (bench.sd.zoodip_train) on the default scheme measures the share of a step spent
 outside session.run.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import common
-from .memory import DEFAULT_IMAGES, MemoryConfig, scheme_folders
+from .. import common
+from .memory import MemoryConfig, scheme_folders
+from .shared import DEFAULT_IMAGES, N_QUERIES, default_photos
 
-N_QUERIES = 2   # the reference n: a step is n+1 = 3 passes, batched into one UNet call or three
 
 
 @dataclass(frozen=True)
@@ -125,17 +125,17 @@ def run(cfg: SpeedConfig, out: str | Path, models: tuple[Path, ...] = (), merge:
     args = ["--resolutions", *map(str, cfg.resolutions), "--batches", *map(str, cfg.batches),
             "--repeats", str(cfg.repeats)]
     for scheme, folder in folders.items():
-        print(f"[bench.speed] {scheme} ({folder}) ...", flush=True)
-        res = common.run_isolated("bench.speed", ["--worker", str(folder), *args],
+        print(f"[bench.sd.speed] {scheme} ({folder}) ...", flush=True)
+        res = common.run_isolated("bench.sd.speed", ["--worker", str(folder), *args],
                                   log=cfg.log_dir / f"speed_{scheme}.log", timeout=cfg.timeout_s)
         machine = res.pop("machine", {})
         res["ran_at"] = {"utc": machine.get("utc"), "loadavg_1_5_15": machine.get("loadavg_1_5_15")}
         result["schemes"][scheme] = res
-        print(f"[bench.speed]   unet {res['unet']}", flush=True)
+        print(f"[bench.sd.speed]   unet {res['unet']}", flush=True)
     if cfg.train_steps:
         default = cfg.default_scheme if cfg.default_scheme in folders else next(iter(folders))
-        print(f"[bench.speed] training overhead on {default} at {cfg.train_resolution} px ...", flush=True)
-        tr = common.run_isolated("bench.zoodip_train", [
+        print(f"[bench.sd.speed] training overhead on {default} at {cfg.train_resolution} px ...", flush=True)
+        tr = common.run_isolated("bench.sd.zoodip_train", [
             str(folders[default]), "--images", str(cfg.images), "--resolution", str(cfg.train_resolution),
             "--steps", str(cfg.train_steps), "--warmup", "1"], log=cfg.log_dir / "speed_train.log",
             timeout=cfg.timeout_s)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-steps", type=int, default=SpeedConfig.train_steps, help="0 skips the overhead run")
     p.add_argument("--train-resolution", type=int, default=SpeedConfig.train_resolution)
     p.add_argument("--default-scheme", default=SpeedConfig.default_scheme)
-    p.add_argument("--images", default=str(DEFAULT_IMAGES))
+    p.add_argument("--images", default=str(DEFAULT_IMAGES), help="training photos [default: procedural ones]")
     p.add_argument("--log-dir", default=str(SpeedConfig.log_dir))
     p.add_argument("--models", nargs="*", default=None, help="explicit zoodip model folders instead of BASE-*")
     p.add_argument("--merge", action="store_true", help="keep schemes already in --out, add the ones timed now")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--out is required")
     cfg = SpeedConfig(base=Path(a.base), resolutions=tuple(a.resolutions), batches=tuple(a.batches),
                       repeats=a.repeats, train_steps=a.train_steps, train_resolution=a.train_resolution,
-                      default_scheme=a.default_scheme, images=Path(a.images), log_dir=Path(a.log_dir))
+                      default_scheme=a.default_scheme, images=default_photos() if Path(a.images) == DEFAULT_IMAGES else Path(a.images), log_dir=Path(a.log_dir))
     print(f"wrote {run(cfg, a.out, tuple(Path(m) for m in a.models or ()), a.merge)}")
 
 

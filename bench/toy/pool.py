@@ -1,6 +1,6 @@
-"""Pool several bench.toy_quality results (seeds, concept draws) into one verdict with a confidence interval.
+"""Pool several bench.toy.quality results (seeds, concept draws) into one verdict with a confidence interval.
 
-    python -m bench.toy_pool bench/results/toy_quality_3000.json bench/results/toy_quality_3000_seed2.json \
+    python -m bench.toy.pool bench/results/toy_quality_3000.json bench/results/toy_quality_3000_seed2.json \
         --out bench/results/toy_quality_pooled.json
 
 One 4-concept mean moves by ~0.1 from draw to draw, so a single draw cannot say whether a method is at
@@ -19,8 +19,8 @@ import numpy as np
 
 from zo_runtime.io_utils import atomic_write_text
 
-from . import common
-from .toy_method import REPORTED, is_zo, label
+from .. import common
+from .method import REPORTED, is_zo, label
 
 REFERENCE = "backprop_ti"
 RESAMPLES = 10_000     # bootstrap draws: the interval's ends move by < 0.01 between seeds at this count
@@ -114,7 +114,7 @@ def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] | None = Non
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from .toy_report import save_curve
+    from .report import save_curve
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for m in methods:
@@ -140,12 +140,12 @@ def write(pooled: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="+", type=Path, help="bench.toy_quality result JSON files")
+    p.add_argument("results", nargs="+", type=Path, help="bench.toy.quality result JSON files")
     p.add_argument("--out", type=Path, required=True, help="pooled JSON (a .md table is written beside it)")
     a = p.parse_args(argv)
     missing = [str(f) for f in a.results if not f.is_file()]
     if missing:
-        raise SystemExit(f"missing result file(s): {', '.join(missing)}; run bench.toy_quality first")
+        raise SystemExit(f"missing result file(s): {', '.join(missing)}; run bench.toy.quality first")
     pooled = pool([json.loads(f.read_text()) for f in a.results])
     write(pooled, a.out)
     print(table(pooled))

@@ -1,0 +1,1 @@
+"""Analyses of where the textual-inversion gradient lives (toy world)."""
