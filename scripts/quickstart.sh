@@ -12,6 +12,6 @@ INIT=$(python -m models.toyworld.concept "$OUT/images" --index "${CONCEPT:-0}")
 echo "concept: $(tr -d '\n ' < "$OUT/images/concept.json")"
 zoodip personalize models/toyworld/pipeline --images "$OUT/images" --token sks --init "$INIT" \
     --out "$OUT" --steps "$STEPS" --lr "${LR:-2e-2}" --save-every 250 \
-    ${ZO_FLAGS---directions jacobian --prior-rank 16 --prior-refresh 125}
+    ${ZO_FLAGS---directions jacobian}
 echo "training photos: $OUT/images/   learned token: $OUT/learned_embeds.safetensors"
 echo "samples ('a photo of sks'): $OUT/samples/grid.png   log: $OUT/log.jsonl"
