@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from zo_runtime import latents, prompts
+from zo_runtime import latents, prompts, zo
+from zo_runtime import objective as O
 from zo_runtime import train as T
 from zo_runtime.model_dir import ModelDir
 
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def quick(**kw):
     """A few-step config for the tiny model (tau small so the subspace refresh is exercised)."""
-    base = dict(token="sks", init="dog", steps=12, tau=4, save_every=0, progress=False)
+    base = dict(token="sks", init="dog", steps=12, tau=4, save_every=0, progress=False, schedule="paper")
     return T.TrainConfig(**{**base, **kw})
 
 
@@ -72,16 +73,16 @@ def test_loss_falls_on_a_fixed_draw(tiny_exported, images, tmp_path, monkeypatch
     # whole path (splicing v into the prompt rows, batched passes, RGE sign, Adam) must lower it:
     # by > 1e-3 (measured ~2e-3 for seeds 0-2), more than any random move of the same length, and
     # the mirrored move (2 v0 - v, what a flipped estimator sign would give) must do worse.
-    draw = T._draw
-    monkeypatch.setattr(T, "_draw", lambda run, cfg, seed, step: draw(run, cfg, seed, 1))
+    draw = O.draw
+    monkeypatch.setattr(O, "draw", lambda run, rng: draw(run, zo.step_rng(run.cfg.seed, 1)))
     cfg = quick(steps=40, lr=1e-2, tau=16)
     path = T.train(tiny_exported, images, tmp_path, cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    run = T._open(tiny_exported, images, tmp_path, cfg)
+    run = O.open_objective(tiny_exported, images, tmp_path, cfg)
     v = load_file(str(path))["sks"]
 
     def loss(x):
-        return T.eval_loss(run, cfg, x.astype(np.float32), draws=1, seed=cfg.seed)
+        return O.eval_loss(run, x.astype(np.float32), [zo.step_rng(cfg.seed, 1)])
 
     before, after, mirror = loss(run.v0), loss(v), loss(2 * run.v0 - v)
     assert abs(before - losses[0]) < 1e-4                     # eval and training see the same objective
@@ -96,7 +97,7 @@ def test_loss_falls_on_a_fixed_draw(tiny_exported, images, tmp_path, monkeypatch
 def _train_script(model, images, out, steps, extra=""):
     return (f"{extra}\nfrom zo_runtime.train import TrainConfig, train\n"
             f"train({str(model)!r}, {str(images)!r}, {str(out)!r}, TrainConfig(token='sks', init='dog', steps={steps}, "
-            "tau=4, save_every=3, resume=True, progress=False))\n")
+            "tau=4, save_every=3, resume=True, progress=False, schedule='paper'))\n")
 
 
 def test_sigkill_and_resume_match_uninterrupted(tiny_exported, images, tmp_path):
@@ -127,7 +128,7 @@ def test_sigkill_and_resume_match_uninterrupted(tiny_exported, images, tmp_path)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_exported, images, tmp_path, monkeypatch):
-    real = T._losses
+    real = O.losses
     calls = {"n": 0}
 
     def flaky(*args):
@@ -135,14 +136,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_exported, images, tmp_pat
         out = real(*args)
         return out * np.nan if calls["n"] == 7 else out
 
-    monkeypatch.setattr(T, "_losses", flaky)
+    monkeypatch.setattr(O, "losses", flaky)
     with pytest.raises(FloatingPointError, match="step 7.*checkpoint"):
         T.train(tiny_exported, images, tmp_path, quick(steps=10, save_every=5))
     with np.load(tmp_path / "checkpoint.npz") as z:
         assert int(z["step"]) == 5 and np.isfinite(z["v"]).all()
         v5 = z["v"]
     assert np.array_equal(load_file(str(tmp_path / "learned_embeds.safetensors"))["sks"].ravel(), v5)
-    monkeypatch.setattr(T, "_losses", real)
+    monkeypatch.setattr(O, "losses", real)
     T.train(tiny_exported, images, tmp_path, quick(steps=10, save_every=5, resume=True))
     assert int(np.load(tmp_path / "checkpoint.npz")["step"]) == 10
 
@@ -220,8 +221,8 @@ def test_captions(tmp_path):
 
 def test_v_prediction_target(tiny_v_exported, images, tmp_path):
     cfg = quick(latent="mean")
-    run = T._open(tiny_v_exported, images, tmp_path, cfg)
-    _, _, _, t, x_t, target = T._draw(run, cfg, 0, 1)
+    run = O.open_objective(tiny_v_exported, images, tmp_path, cfg)
+    _, _, _, t, x_t, target = O.draw(run, zo.step_rng(0, 1))
     rng = np.random.default_rng([0, 1, 0])          # replay the draws of step 1: image, flip, prompt, t, eps
     index, flip = int(rng.integers(3)), bool(rng.random() < 0.5)
     rng.integers(len(prompts.OBJECT_TEMPLATES)), rng.integers(500, 900)
@@ -281,14 +282,14 @@ def test_personalize_chains_stages_and_reuses_them(tiny_exported, images, tmp_pa
 
 
 def test_unet_batch_and_single_give_the_same_losses(tiny_exported, images, tmp_path):
-    runs = {mode: T._open(tiny_exported, images, tmp_path, quick(unet_batch=mode)) for mode in ("batch", "single")}
+    runs = {mode: O.open_objective(tiny_exported, images, tmp_path, quick(unet_batch=mode)) for mode in ("batch", "single")}
     assert (runs["batch"].unet_rows, runs["single"].unet_rows) == (3, 1)
     cfg = quick()
-    _, base, rows, t, x_t, target = T._draw(runs["batch"], cfg, 0, 1)
+    _, base, rows, t, x_t, target = O.draw(runs["batch"], zo.step_rng(0, 1))
     emb = np.repeat(base[None], 3, axis=0)
     for r in rows:
         emb[:, r] = (runs["batch"].v0 + np.float32(0.1) * np.arange(3, dtype=np.float32)[:, None, None])[:, :1]
-    losses = {m: T._losses(run, emb, x_t, t, target, np.empty((run.unet_rows, 4, 16, 16), np.float32))
+    losses = {m: O.losses(run, emb, x_t, t, target, np.empty((run.unet_rows, 4, 16, 16), np.float32))
               for m, run in runs.items()}
     assert np.allclose(losses["batch"], losses["single"], rtol=1e-5, atol=1e-6)
     assert len(set(np.round(losses["single"], 9))) == 3          # the passes really differ
@@ -300,12 +301,12 @@ def test_static_batch_decides_the_calls():
     def session(batch):
         return NS(inputs={"sample": NS(shape=[batch, 4, 16, 16])}, path="unet/model.onnx")
 
-    assert T._batch_per_call(session("batch_size"), "sample", 3, 3, "UNet") == 3     # dynamic: as asked
-    assert T._batch_per_call(session("batch_size"), "sample", 3, 1, "UNet") == 1
-    assert T._batch_per_call(session(1), "sample", 3, 3, "UNet") == 1                # static batch 1: one by one
-    assert T._batch_per_call(session(3), "sample", 3, 1, "UNet") == 3                # static batch n+1: one call
+    assert O.batch_per_call(session("batch_size"), "sample", 3, 3, "UNet") == 3     # dynamic: as asked
+    assert O.batch_per_call(session("batch_size"), "sample", 3, 1, "UNet") == 1
+    assert O.batch_per_call(session(1), "sample", 3, 3, "UNet") == 1                # static batch 1: one by one
+    assert O.batch_per_call(session(3), "sample", 3, 1, "UNet") == 3                # static batch n+1: one call
     with pytest.raises(ValueError, match="static batch 2"):
-        T._batch_per_call(session(2), "sample", 3, 3, "UNet")
+        O.batch_per_call(session(2), "sample", 3, 3, "UNet")
 
 
 def test_sample_every_writes_a_grid(tiny_exported, images, tmp_path):
@@ -318,7 +319,7 @@ def test_jacobian_directions_come_from_the_text_encoder(tiny_exported, images, t
     from zo_runtime import priors, zo
 
     cfg = quick(directions="jacobian", prior_prompts=2, prior_rank=4, prior_mix=0.2, prior_refresh=0)
-    run = T._open(tiny_exported, images, tmp_path / "o1", cfg)
+    run = O.open_objective(tiny_exported, images, tmp_path / "o1", cfg)
     draws = [run.prompts.draw_template(i) for i in range(2)]
     m = priors.jacobian_moment(run.text, draws, run.v0)
     assert np.allclose(run.dirs.sqrt, zo.top_k_sqrt(m, 4, 0.2), atol=1e-5)
@@ -327,7 +328,7 @@ def test_jacobian_directions_come_from_the_text_encoder(tiny_exported, images, t
     # the directions favour what the encoder responds to: E|J z|^2 beats an isotropic draw's
     a = run.dirs.sqrt.astype(np.float64)
     assert np.trace(a @ m @ a) / run.dirs.trace > 2 * np.trace(m) / d          # measured 2.6x here
-    assert isinstance(T._open(tiny_exported, images, tmp_path / "o2", quick()).dirs, zo.Gaussian)
+    assert isinstance(O.open_objective(tiny_exported, images, tmp_path / "o2", quick()).dirs, zo.Gaussian)
     assert T.train(tiny_exported, images, tmp_path / "o3", cfg).is_file()
 
 
@@ -335,7 +336,7 @@ def test_refreshed_jacobian_subspace_resumes_exactly(tiny_exported, images, tmp_
     """--prior-rank k --prior-refresh R: queries in J^T J's top-k at the current v; a resume inside a
     period rebuilds that period's prior from the history, so it matches an uninterrupted run bit for bit."""
     cfg = quick(directions="jacobian", prior_prompts=1, prior_rank=3, prior_mix=0.1, prior_refresh=3, steps=10)
-    run = T._open(tiny_exported, images, tmp_path / "o0", cfg)
+    run = O.open_objective(tiny_exported, images, tmp_path / "o0", cfg)
     w = np.linalg.eigvalsh(run.dirs.sqrt.astype(np.float64) @ run.dirs.sqrt)
     assert np.allclose(w[-3:], 1, atol=1e-5) and np.allclose(w[:-3], 0.1, atol=1e-5)
     ref = T.train(tiny_exported, images, tmp_path / "ref", cfg)

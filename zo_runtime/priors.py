@@ -81,6 +81,8 @@ def build(cfg, text: TextEncoder, prompts: PromptRows, v: np.ndarray) -> zo.Dire
 
 def check(cfg) -> None:
     """ValueError naming the option when a TrainConfig's direction settings cannot work."""
+    if cfg.directions is None:                # the schedule picks it (schedule.resolve checks again)
+        return
     if cfg.directions not in BUILDERS:
         raise ValueError(f"--directions must be one of {', '.join(BUILDERS)}, got {cfg.directions!r}")
     if cfg.directions == "gaussian":          # the prior_* settings shape other kinds only

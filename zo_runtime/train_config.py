@@ -6,11 +6,15 @@ from dataclasses import asdict, dataclass
 
 from . import priors, prompts, zo
 from .config import setting
+from .plan import parse_duration
+from .schedule import SCHEDULES
 
-# Settings that may change between a run and its resume without changing the result.
-RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "resume", "provider", "provider_options", "progress"}
+# Settings that may change between a run and its resume without changing the steps already taken.
+RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "resume", "provider", "provider_options", "progress",
+                     "schedule", "time_budget", "warmup_steps", "patience"}
 # Settings that shape the directions of every kind but gaussian (--directions jacobian).
 JACOBIAN_SETTINGS = {"prior_rank", "prior_refresh", "prior_mix", "prior_prompts"}
+VALIDATION_SETTINGS = {"val_every", "val_draws"}      # shape nothing when early_stop is off
 
 
 @dataclass(frozen=True)
@@ -19,12 +23,21 @@ class TrainConfig:
 
     token: str = setting(help="New placeholder token, e.g. sks (must not be in the vocabulary).", cli=True)
     init: str = setting(help="One existing token to start from, e.g. dog.", cli=True)
-    steps: int = setting(30000, "Training steps (the reference schedule: 31 min on an RTX 3090).", cli=True)
-    lr: float = setting(5e-3, "ZO-Adam learning rate (paper; the reference script uses 1e-2).", cli=True)
-    directions: str = setting(
-        "gaussian", "Query directions: gaussian, N(0, I) as the reference; jacobian, spread over the top "
-        "prior_rank directions of the text encoder's J^T J, rebuilt every prior_refresh steps "
+    schedule: str = setting("fast", "Defaults for the settings left unset: fast, what the toy-world evidence "
+                            "supports (docs/research.md); paper, the reference's (30,000 steps, lr 5e-3, "
+                            "gaussian directions, no early stop).", cli=True, choices=tuple(SCHEDULES))
+    steps: int | None = setting(None, "Training steps [default: the schedule's, or what fits --time-budget].",
+                                cli=True)
+    time_budget: str | None = setting(None, "Wall time for this call, e.g. 3h, 90m, 45s: the steps that fit "
+                                      "after timing the first ones (--steps wins when given).", cli=True)
+    lr: float | None = setting(None, "ZO-Adam learning rate [default: the schedule's].", cli=True)
+    directions: str | None = setting(
+        None, "Query directions [default: the schedule's]: gaussian, N(0, I) as the reference; jacobian, spread "
+        "over the top prior_rank directions of the text encoder's J^T J, rebuilt every prior_refresh steps "
         "(text-encoder passes only).", cli=True, choices=("gaussian", "jacobian"))
+    early_stop: bool | None = setting(None, "Keep the vector with the best loss on a fixed validation set and "
+                                      "stop when it has not improved for `patience` checks [default: the "
+                                      "schedule's].", cli=True)
     resolution: int | None = setting(None, "Training resolution in px [default: the model's native].", cli=True)
     num_vectors: int = setting(1, "Vectors per token (sks, sks_1, ...); the reference trains one.", cli=True)
     templates: str = setting("object", "Prompt templates (diffusers' textual inversion lists); style for styles.",
@@ -40,9 +53,10 @@ class TrainConfig:
     resume: bool = setting(False, "Continue from OUT/checkpoint.npz.", cli=True)
     # Method settings (--set NAME=VALUE).
     queries: int = setting(2, "n: perturbations per step, n + 1 forward passes; best CLIP-I per pass in the paper.")
-    mu: float = setting(1e-3, "Perturbation size (SD 2.x / SDXL: 1e-2).")
-    t_range: tuple[int, int] = setting((500, 900), "PUTS timestep range [LO, HI); t < 500 carries almost no "
-                                       "text signal; 0,1000 = plain uniform.")
+    mu: float | None = setting(None, "Perturbation size [default: what the model's quantization was validated "
+                               "at, else the family's: SD 1.x 1e-3, SD 2.x / SDXL 1e-2].")
+    t_range: tuple[int, int] | None = setting(None, "PUTS timestep range LO,HI: t < 500 carries almost no text "
+                                              "signal [default: 500,900; SDXL 700,900]; 0,1000 = plain uniform.")
     tau: int = setting(128, "Subspace Gradient history length and refresh period.")
     nu: float = setting(1e-3, "Subspace Gradient keeps components explaining > 1 - nu of the variance.")
     subspace: bool = setting(True, "Subspace Gradient on (the paper's ablation: best with PUTS).")
@@ -53,6 +67,11 @@ class TrainConfig:
                                  "(<= tau; 0: at the start only).")
     prior_mix: float = setting(0.1, "jacobian: weight of every other direction (keeps them reachable).")
     prior_prompts: int = setting(4, "jacobian: templates J^T J is summed over ((d + 1) text-encoder passes each).")
+    val_every: int = setting(100, "early_stop: steps between validation checks (val_draws base passes each).")
+    val_draws: int = setting(8, "early_stop: (image, t, noise) draws of the validation set; with val_every 100 "
+                             "they cost 2.7% of a 3-pass step's passes.")
+    patience: int = setting(5, "early_stop: checks without a new best before the run stops.")
+    warmup_steps: int = setting(3, "Steps timed for the plan (the first is left out: one-off start costs).")
     latent: str = setting("sample", "x0 per step: a VAE posterior sample (reference) or its mean.",
                           choices=("sample", "mean"))
     # single: n+1 UNet calls; batch: one call of n+1. SD 1.5 replica, CPU: single peaks at 5.5 GB vs >= 8.6 GB
@@ -63,17 +82,21 @@ class TrainConfig:
     progress: bool = setting(True, "Show a progress bar.")
 
     def __post_init__(self):
-        object.__setattr__(self, "t_range", tuple(int(t) for t in self.t_range))
+        if self.t_range is not None:
+            object.__setattr__(self, "t_range", tuple(int(t) for t in self.t_range))
+            lo, hi = self.t_range
+            if not 0 <= lo < hi <= 1000:
+                raise ValueError(f"t_range {lo},{hi} must satisfy 0 <= LO < HI <= num_train_timesteps (1000)")
         object.__setattr__(self, "provider_options", tuple(tuple(p) for p in self.provider_options))
-        self.zo  # validates the optimizer fields
-        lo, hi = self.t_range
-        if not 0 <= lo < hi <= 1000:
-            raise ValueError(f"t_range {lo} {hi} must satisfy 0 <= LO < HI <= num_train_timesteps (1000)")
-        for name in ("steps", "num_vectors"):
-            if getattr(self, name) < 1:
+        zo.ZOConfig(queries=self.queries, mu=self.mu or 1.0, tau=self.tau, nu=self.nu,
+                    subspace_cap=self.subspace_cap, lr=self.lr or 1.0)      # validates the optimizer fields
+        for name in ("steps", "num_vectors", "val_every", "val_draws"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.save_every < 0 or self.sample_every < 0:
-            raise ValueError("--save-every and sample_every must be >= 0")
+        if min(self.save_every, self.sample_every, self.patience, self.warmup_steps) < 0:
+            raise ValueError("--save-every, sample_every, patience and warmup_steps must be >= 0")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
         if not self.token.strip() or " " in self.token:
             raise ValueError(f"--token must be one word such as 'sks', got {self.token!r}")
         prompts.templates(self.templates)
@@ -85,6 +108,8 @@ class TrainConfig:
 
     @property
     def zo(self) -> zo.ZOConfig:
+        if self.mu is None or self.lr is None:
+            raise ValueError("this TrainConfig is not resolved yet (schedule.resolve fills mu, lr, steps, ...)")
         return zo.ZOConfig(queries=self.queries, mu=self.mu, tau=self.tau, nu=self.nu, subspace=self.subspace,
                            subspace_cap=self.subspace_cap, lr=self.lr)
 
@@ -98,11 +123,13 @@ class TrainConfig:
 
 
 def trajectory(settings: dict) -> dict:
-    """trajectory() of a recorded settings dict (a checkpoint's), keys it predates at their defaults then."""
-    out = {**DEFAULTS, **settings}
-    drop = RESUMABLE_CHANGES | (JACOBIAN_SETTINGS if out["directions"] == "gaussian" else set())
+    """trajectory() of a recorded (resolved) settings dict; a key a checkpoint predates had its old behaviour."""
+    out = {**DEFAULTS, **PREDATED, **settings}
+    drop = (RESUMABLE_CHANGES | (JACOBIAN_SETTINGS if out["directions"] == "gaussian" else set())
+            | (VALIDATION_SETTINGS if not out["early_stop"] else set()))
     return {k: v for k, v in out.items() if k in DEFAULTS and k not in drop}
 
 
-# Options are added with the old behaviour as their default, so a checkpoint without a key had this value.
 DEFAULTS = TrainConfig(token="sks", init="dog").as_dict()
+# What a checkpoint written before a setting existed did (settings are added with the old behaviour).
+PREDATED = {"early_stop": False}

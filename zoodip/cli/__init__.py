@@ -5,6 +5,7 @@ Commands import their stage lazily so `zoodip --help` stays fast and never impor
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import click
 
@@ -61,7 +62,13 @@ def _unavailable(name, err):
     return run
 
 
+def _one_line(message, category, filename, lineno, file=None, line=None) -> str:
+    """Library warnings as one plain line (they name the problem and the fix), not a source excerpt."""
+    return f"warning: {message}\n"
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="zoodip")
 def main():
     """zoodip: personalize a quantized Stable Diffusion with forward passes only (ZOODiP)."""
+    warnings.formatwarning = _one_line

@@ -30,10 +30,11 @@ def _option(f: dataclasses.Field, tp) -> click.Option:
     """One click option for field f: --name-with-dashes, or a --flag for booleans."""
     flag, help_ = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}", f.metadata.get("help", "")
     required = f.default is dataclasses.MISSING
-    tp, _ = _base(tp)
+    tp, optional = _base(tp)
     kw = dict(help=help_, show_default=not required and f.default not in (None, ()), required=required)
-    if tp is bool:
-        return click.Option([f"{flag}/--no-{flag[2:]}" if f.default else flag, f.name],
+    if tp is bool:          # on/off pair when the default is on or left to a schedule (None)
+        pair = f.default or optional
+        return click.Option([f"{flag}/--no-{flag[2:]}" if pair else flag, f.name],
                             default=f.default, is_flag=True, help=help_, show_default=False)
     if f.metadata.get("choices"):
         kw["type"] = click.Choice(f.metadata["choices"])

@@ -1,0 +1,219 @@
+"""The objective a run minimizes: the diffusion loss of its token vectors, by forward passes only.
+
+One step (method.md): draw image, prompt, t in the PUTS range and noise (common to all passes);
+put v and v + mu z_i in the placeholder rows; text encoder as one batch; UNet as one batch (or one
+by one); (P,) MSE losses. `Objective` holds what a run opens once (sessions, latents, prompts,
+directions); the training loop (train.py) and workers elsewhere call `draw` and `losses` on it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import latents as lat, priors, prompts, schedule, zo
+from .embeds import vector_names
+from .model_dir import ModelDir
+from .session import OnnxModel
+from .text import TextEncoder
+from .train_config import TrainConfig
+
+VALIDATION_STREAM = 3     # zo.step_rng's data and direction streams are 0 and 1
+
+
+def place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
+    """Add sks, sks_1, ... to the tokenizer; v0 = the init token's row, (k, d) float32."""
+    pieces = text.tokenizer.tokenize(cfg.init)
+    if len(pieces) != 1:
+        raise ValueError(f"--init {cfg.init!r} is {len(pieces)} tokens {pieces}; the initializer must be a single "
+                         "token: pick one word such as 'dog', 'toy' or 'cat'")
+    init_id = text.tokenizer.token_id(pieces[0])
+    tokens = vector_names(cfg.token, cfg.num_vectors)
+    v0 = np.repeat(np.asarray(text.table[init_id], np.float32)[None], cfg.num_vectors, axis=0)
+    text.add_tokens(tokens, v0)    # ValueError if the placeholder already exists
+    return tokens, v0
+
+
+class Prompts:
+    """Prompt draws, tokenized once per distinct prompt: (77,) ids, (77, d) base rows, rows where v goes."""
+
+    def __init__(self, text: TextEncoder, tokens: list[str], names: list[str], cfg: TrainConfig):
+        self.text, self.names, self.cache = text, names, {}
+        self.ids = [text.tokenizer.token_id(t) for t in tokens]
+        self.placeholder = " ".join(tokens)   # multi-vector prompts spell every vector, like diffusers
+        self.templates = prompts.templates(cfg.templates)
+        self.captions = prompts.load_captions(cfg.captions, names) if cfg.captions else None
+
+    def draw(self, rng: np.random.Generator, image: int) -> tuple[str, np.ndarray, list[np.ndarray]]:
+        """(prompt, (77, d) float32 token rows, [(r_j,) positions of vector j]) for the step's image."""
+        if self.captions:
+            return self._encode(self.captions[self.names[image]].format(self.placeholder))
+        return self._encode(self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder))
+
+    def draw_template(self, i: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """((77, d) token rows, positions) of template i (captions: image i's caption)."""
+        if self.captions:
+            return self._encode(self.captions[self.names[i % len(self.names)]].format(self.placeholder))[1:]
+        return self._encode(self.templates[i].format(self.placeholder))[1:]
+
+    def _encode(self, prompt: str) -> tuple[str, np.ndarray, list[np.ndarray]]:
+        if prompt not in self.cache:
+            ids = self.text.tokenizer([prompt])[0]
+            rows = [np.flatnonzero(ids == i) for i in self.ids]
+            if any(r.size == 0 for r in rows):
+                raise ValueError(f"prompt {prompt!r} lost the placeholder when truncated to 77 tokens; shorten it")
+            # (77, d) rows once per prompt; the placeholder rows are overwritten every step.
+            self.cache[prompt] = (self.text.token_embeds(ids[None])[0], rows)
+        return (prompt, *self.cache[prompt])
+
+
+@dataclass
+class Objective:
+    """The diffusion loss of a run's embedding vectors: sessions and fixed data, opened once."""
+
+    cfg: TrainConfig          # resolved against the model (schedule.resolve)
+    model: ModelDir
+    text: TextEncoder
+    unet: OnnxModel
+    latents: lat.Latents
+    prompts: Prompts
+    tokens: list[str]
+    v0: np.ndarray            # (k, d)
+    alphas: np.ndarray        # (T,) cumulative alphas
+    resolution: int
+    unet_rows: int            # UNet batch per call: passes (batched) or 1
+    text_rows: int            # text-encoder batch per call
+    dirs: zo.Directions       # the queries' directions (priors.build; rebuilt every prior_refresh steps)
+    prior_args: tuple         # (prompts, batch) directions are built from (priors.PromptRows)
+    dirs_seconds: float       # time one build of the directions took (the plan amortizes refreshes)
+
+
+def batch_dim(session: OnnxModel, name: str) -> int | None:
+    dim = session.inputs[name].shape[0]
+    return dim if isinstance(dim, int) else None
+
+
+def batch_per_call(session: OnnxModel, name: str, passes: int, want: int, what: str) -> int:
+    """Batch per call: `want` unless a static-shape model fixes it (to passes or to 1)."""
+    fixed = batch_dim(session, name)
+    if fixed is None or fixed == want:
+        return want
+    if fixed in (1, passes):
+        return fixed
+    raise ValueError(f"{session.path}: static batch {fixed} fits neither 1 nor the {passes} passes of a step; "
+                     f"quantize the {what} with batch 1 or {passes} (or change --queries)")
+
+
+def open_objective(model_dir, images_dir, out: Path, cfg: TrainConfig) -> Objective:
+    """Open the model's sessions, encode the photos (cached in OUT) and resolve cfg against the model."""
+    model = ModelDir.open(model_dir)
+    cfg = schedule.resolve(cfg, model.manifest)
+    priors.check(cfg)
+    res = lat.check_resolution(model, cfg.resolution)
+    opts = dict(cfg.provider_options)
+    latents = lat.encode_images(model, images_dir, res, out, cfg.provider, opts)
+    text = TextEncoder(model, cfg.provider, opts)
+    tokens, v0 = place_tokens(text, cfg)
+    passes = cfg.zo.passes
+    text_rows = batch_per_call(text.session, "inputs_embeds", passes, passes, "text encoder")
+    drawer = Prompts(text, tokens, latents.names, cfg)
+    # Before the UNet loads (a Jacobian's J is transient); a dynamic-batch text encoder takes 16 rows a call.
+    draws = [drawer.draw_template(i) for i in range(min(cfg.prior_prompts, len(drawer.templates)))]
+    batch = text_rows if batch_dim(text.session, "inputs_embeds") else 16
+    t0 = time.perf_counter()
+    dirs = priors.build(cfg, text, (draws, batch), v0)
+    dirs_seconds = time.perf_counter() - t0
+    unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
+    unet_rows = batch_per_call(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
+    return Objective(cfg, model, text, unet, latents, drawer, tokens, v0, model.alphas_cumprod(), res, unet_rows,
+                     text_rows, dirs, (draws, batch), dirs_seconds)
+
+
+def losses(run: Objective, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
+           sample: np.ndarray) -> np.ndarray:
+    """(P,) float64 MSE of every pass: text encoder then UNet, batched or one by one."""
+    P = emb.shape[0]
+    tr = run.text_rows
+    hidden = np.concatenate([run.text.encode_embeds(emb[i:i + tr]) for i in range(0, P, tr)])  # (P, 77, d)
+    ts = np.array(t, np.float32)
+    if run.unet.inputs["timestep"].shape:                  # a (B,) timestep input instead of a scalar
+        ts = np.full(run.unet_rows, t, np.float32)
+    sample[:] = x_t                                          # (rows, C, h, w), same x_t for every pass
+    out = np.concatenate([run.unet.run({"sample": sample, "timestep": ts,
+                                        "encoder_hidden_states": hidden[i:i + run.unet_rows]})[0]
+                          for i in range(0, P, run.unet_rows)])           # (P, C, h, w)
+    diff = out.astype(np.float32) - target
+    return np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64)
+
+
+def draw(run: Objective, rng: np.random.Generator):
+    """A step's draws, common to all its passes: image, flip, prompt, t, noise -> x_t and the target.
+
+    rng: zo.step_rng(seed, step) in training, validation_rng(seed, i) for the fixed validation set."""
+    cfg = run.cfg
+    index, flip = int(rng.integers(len(run.latents.names))), bool(rng.random() < 0.5)
+    prompt, base, rows = run.prompts.draw(rng, index)
+    t = zo.sample_timestep(rng, *cfg.t_range)
+    x0 = run.latents.sample(rng, index, flip, cfg.latent)                 # (1, C, h, w)
+    eps = rng.standard_normal(x0.shape, dtype=np.float32)
+    a = run.alphas[t]
+    x_t = (np.sqrt(a) * x0 + np.sqrt(1 - a) * eps).astype(np.float32)
+    if run.model.manifest["prediction_type"] == "v_prediction":
+        return prompt, base, rows, t, x_t, (np.sqrt(a) * eps - np.sqrt(1 - a) * x0).astype(np.float32)
+    return prompt, base, rows, t, x_t, eps
+
+
+def validation_rng(seed: int, i: int) -> np.random.Generator:
+    """Draw i of the fixed validation set: a stream of its own, apart from every training step's."""
+    return np.random.default_rng([seed, i, VALIDATION_STREAM])
+
+
+def eval_loss(run: Objective, vectors: np.ndarray, rngs) -> float:
+    """Mean base loss of (k, d) vectors over the draws of `rngs` (fresh generators: same draws for any vectors)."""
+    emb = np.empty((1, run.text.tokenizer.max_length, vectors.shape[1]), np.float32)
+    sample = np.empty((run.unet_rows, *run.latents.mean.shape[2:]), np.float32)
+    total, count = 0.0, 0
+    for rng in rngs:
+        _, base, rows, t, x_t, target = draw(run, rng)
+        emb[:] = base
+        for j, r in enumerate(rows):
+            emb[:, r] = vectors[j]
+        total += float(np.mean([losses(run, emb[[0] * run.unet_rows], x_t, t, target, sample)]))
+        count += 1
+    return total / count
+
+
+def validation_loss(run: Objective, vectors: np.ndarray) -> float:
+    """eval_loss over the run's fixed validation set (cfg.val_draws draws from cfg.seed)."""
+    return eval_loss(run, vectors, (validation_rng(run.cfg.seed, i) for i in range(1, run.cfg.val_draws + 1)))
+
+
+
+
+@dataclass
+class Buffers:
+    """Arrays a step reuses: (P, k d) query points, (P, 77, d) embeddings, (rows, C, h, w) UNet sample."""
+
+    points: np.ndarray
+    emb: np.ndarray
+    sample: np.ndarray
+
+    @classmethod
+    def for_run(cls, run: Objective) -> "Buffers":
+        P, (k, d) = run.cfg.zo.passes, run.v0.shape
+        C, h, w = run.latents.mean.shape[2:]
+        return cls(np.empty((P, k * d), np.float32), np.empty((P, run.text.tokenizer.max_length, d), np.float32),
+                   np.empty((run.unet_rows, C, h, w), np.float32))
+
+
+def point_losses(run: Objective, points: np.ndarray, drawn: tuple, buf: Buffers) -> np.ndarray:
+    """(P,) losses of (P, k d) points on one step's draws: each point's vectors in the placeholder rows."""
+    _, base, rows, t, x_t, target = drawn
+    P, (k, d) = len(points), run.v0.shape
+    emb = buf.emb[:P]
+    emb[:] = base
+    for j, r in enumerate(rows):
+        emb[:, r] = points.reshape(P, k, d)[:, j, None]
+    return losses(run, emb, x_t, t, target, buf.sample)
