@@ -70,7 +70,8 @@ BUILDERS: dict[str, Builder] = {
 
 
 def register(name: str, builder: Builder) -> None:
-    """Make `name` a --directions choice (an experiment's directions; see bench/toy/methods.py)."""
+    """Make `name` a TrainConfig.directions value (an experiment's directions, registered from bench/ before
+    training through the library; the CLI offers the product's kinds)."""
     BUILDERS[name] = builder
 
 

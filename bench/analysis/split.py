@@ -5,11 +5,11 @@
 
 For every concept folder of a bench.toy.quality work dir with a finished METHOD run: v0 is the init
 word's row, v the trained vector, dv = v - v0. The text encoder's J^T J at v0 (finite differences,
-toy_grad_spectrum.jacobian_moment) splits R^d into its top half of eigen-directions (stiff: the
+bench.analysis.grad_spectrum.jacobian_moment) splits R^d into its top half of eigen-directions (stiff: the
 encoder's output moves most) and its bottom half (flat). Reported: the share of |dv|^2 in the top 16 and
 in the flat half, and the concept fidelity (bench.toy.eval, same prompts and seeds as the benchmark) of
 v, of v0 + the stiff part of dv, of v0 + the flat part, and of v0. It tells whether a direction prior
-that favours either half (zo_runtime.priors, --prior-power) can find the solution.
+that favours either half (zo_runtime.priors) can find the solution.
 """
 from __future__ import annotations
 

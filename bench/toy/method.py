@@ -87,7 +87,9 @@ def zo_config(spec: dict, method: str):
     from zo_runtime.train import TrainConfig
 
     zo_cfg = {**spec["zo"], **ZO_METHODS[method][1]}
-    return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"], **zo_cfg)
+    # the paper schedule underneath: a method states what it changes (plain zoodip stays gaussian, no early stop)
+    return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"],
+                       **{"schedule": "paper", **zo_cfg})
 
 
 def eval_steps(spec: dict, method: str) -> list[int]:

@@ -29,7 +29,7 @@ from .shared import PIPELINE
 
 IMAGES_PER_CONCEPT = 5          # the (and DreamBooth's) 3-5 photos, at the top
 CALIB_IMAGES = 16               # procedural images of training triples for w8 calibration and gates
-# zoodip settings of this benchmark: the trainer's defaults except lr (see README "Toy world" for the sweep).
+# zoodip settings of this benchmark: the paper schedule's except lr (docs/research.md has the lr sweep).
 DEFAULT_ZO = {"lr": 2e-2}
 
 

@@ -1,4 +1,4 @@
-"""`zoodip` command line: a lazy click group; each stage's command lives in its own cmd_*.py.
+"""`zoodip` command line: a lazy click group; each stage's command lives in its own module here (train.py, ...).
 
 Commands import their stage lazily so `zoodip --help` stays fast and never imports torch.
 """

@@ -52,7 +52,7 @@ def generate(model, embeds, prompt, out, n, steps, guidance, negative, scheduler
 @click.option("--class-word", default=None,
               help="Subject class (dog, backpack, ...); default looked up in prompts_and_classes.txt.")
 @click.option("--prompts-file", default=None, type=click.Path(),
-              help="DreamBooth prompts_and_classes.txt; default the shared dataset copy.")
+              help="DreamBooth prompts_and_classes.txt; default the copy zoodip ships (zo_runtime/assets).")
 @click.option("--kind", type=click.Choice(["auto", "object", "live"]), default="auto", show_default=True,
               help="Prompt list; auto: live for dogs and cats, as in DreamBooth.")
 @click.option("-k", "per_prompt", default=5, show_default=True, help="Images per prompt.")
