@@ -117,6 +117,15 @@ def test_one_concept_smoke(tmp_path, monkeypatch):
     fresh = train(spec["models"]["w8"], spec["images"], tmp_path / "fresh", replace(zo_config(spec, "zoodip"), steps=12))
     extended = Path(spec["work"]) / "zoodip_ext" / "learned_embeds.safetensors"
     assert np.array_equal(load_learned_embeds(fresh)[1], load_learned_embeds(extended)[1])
+    # The early-stopping study re-trains in validation stages and scores the checkpoints it needs.
+    from bench.toy import early_stop
+    es = tmp_path / "es.json"
+    early_stop.main([str(out), "--method", "zoodip", "--every", "2", "--score-every", "4", "--patience", "1", "9",
+                     "--out", str(es)])
+    run = json.loads(es.read_text())["runs"][0]
+    assert [s for s, _ in run["val"]] == [0, 2, 4, 6, 8] and -1 <= run["spearman"] <= 1
+    assert run["patience"]["9"]["stop"] == 8 and run["patience"]["1"]["stop"] <= 8
+    assert set(run["fidelity"]) >= {"4", "8", str(run["patience"]["1"]["best"])}
 
 
 def test_pass_budgeted_methods_are_scored_at_zoodips_forward_passes():
@@ -126,5 +135,22 @@ def test_pass_budgeted_methods_are_scored_at_zoodips_forward_passes():
     assert toy_method.eval_steps(spec, "zoodip") == [375, 750, 1500, 3000]
     for method, passes in (("zoodip_q8_eq", 9), ("zoodip_q16_eq", 17)):
         steps = toy_method.eval_steps(spec, method)
-        assert toy_method.zo_config(spec, method).zo.passes == passes
+        assert toy_method.zo_config(spec, method).passes == passes
         assert [abs(s * passes - 3 * e) <= passes for s, e in zip(steps, spec["eval_at"])] == [True] * 4
+
+
+def test_early_stop_study_arithmetic():
+    from bench.toy.early_stop import simulate, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0) and spearman([1, 1], [2, 3]) == 0.0
+    val = [(0, 1.0), (100, 0.8), (200, 0.9), (300, 0.95), (400, 0.7)]
+    assert simulate(val, 2) == (300, 100) and simulate(val, 3) == (400, 400) and simulate(val, 1) == (200, 100)
+
+
+def test_ti_variants_count_their_passes(monkeypatch):
+    from bench.toy import method as toy_method
+
+    assert toy_method.TI_METHODS["ti_b4"][0] == {"batch": 4} and toy_method.label("ti_b4") == "backprop TI, batch 4"
+    assert "backprop_ti" in toy_method.METHODS and not toy_method.is_zo("ti_b4")

@@ -107,6 +107,11 @@ class TrainConfig:
             raise ValueError(f"unet_batch must be 'batch' or 'single', got {self.unet_batch!r}")
 
     @property
+    def passes(self) -> int:
+        """Forward passes per step (known before the schedule is resolved)."""
+        return self.queries + 1
+
+    @property
     def zo(self) -> zo.ZOConfig:
         if self.mu is None or self.lr is None:
             raise ValueError("this TrainConfig is not resolved yet (schedule.resolve fills mu, lr, steps, ...)")

@@ -20,7 +20,7 @@ import numpy as np
 from zo_runtime.io_utils import atomic_write_text
 
 from .. import common
-from .method import REPORTED, is_zo, label
+from .method import REPORTED, TI_METHODS, is_zo, label
 
 REFERENCE = "backprop_ti"
 RESAMPLES = 10_000     # bootstrap draws: the interval's ends move by < 0.01 between seeds at this count
@@ -56,17 +56,19 @@ def ratio_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[fl
     return float(ours.mean() / ref.mean()), float(lo), float(hi)
 
 
-def pool(results: list[dict]) -> dict:
-    """Per method: units, pooled mean, and (when the reference ran on the same units) ratio and interval."""
+def pool(results: list[dict], reference: str = REFERENCE) -> dict:
+    """Per method: units, pooled mean, and (when the reference ran on the same units) ratio and interval.
+
+    reference: the backprop TI setting every ratio is taken against (the strongest one measured)."""
     rows = units(results)
     methods = [m for m in REPORTED if any(m in r for r in rows)]
     out = {}
     for m in methods:
-        both = [r for r in rows if m in r and REFERENCE in r]
+        both = [r for r in rows if m in r and reference in r]
         mine = np.array([r[m] for r in rows if m in r])
         s = {"units": int(mine.size), "concept_fidelity": round(float(mine.mean()), 4)}
-        if both and m != REFERENCE:
-            ours, ref = (np.array([r[k] for r in both]) for k in (m, REFERENCE))
+        if both and m != reference:
+            ours, ref = (np.array([r[k] for r in both]) for k in (m, reference))
             ratio, lo, hi = ratio_interval(ours, ref)
             s.update(paired_units=len(both), reference_fidelity=round(float(ref.mean()), 4),
                      ratio_to_ti=round(ratio, 3), ratio_ci95=[round(lo, 3), round(hi, 3)],
@@ -78,15 +80,16 @@ def pool(results: list[dict]) -> dict:
             target = 0.9 * s["reference_fidelity"]
             s["passes_to_90pct_ti"] = next((p for p, f in s["curve"] or [] if f >= target), None)
     return {"draws": [r["config"]["seed"] for r in results], "steps": sorted({r["config"]["steps"] for r in results}),
-            "units": rows, "methods": out}
+            "reference": reference, "units": rows, "methods": out}
 
 
 def table(pooled: dict) -> str:
     ext = pooled.get("extended")
     steps = f"{ext['method']} continued to {ext['to'][-1]} steps" if ext else \
         f"{'/'.join(map(str, pooled['steps']))} steps"
+    ref = label(pooled.get("reference", REFERENCE))
     lines = [f"Pooled over draws {pooled['draws']} ({len(pooled['units'])} concept runs), {steps}; "
-             "ratio = mean fidelity / backprop TI's on the same runs, 95% paired bootstrap interval.", "",
+             f"ratio = mean fidelity / {ref}'s on the same runs, 95% paired bootstrap interval.", "",
              "| method | runs | concept fidelity | TI on the same runs | ratio to TI | 95% interval "
              "| wins / ties / losses | passes to 90% of TI |", "|---|---|---|---|---|---|---|---|"]
     for m, s in pooled["methods"].items():
@@ -105,7 +108,8 @@ def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] | None = Non
 
     methods: default every method with a curve over as many units as the reference (no one-draw variants).
     """
-    full = pooled["methods"].get(REFERENCE, {}).get("units")
+    reference = pooled.get("reference", REFERENCE)
+    full = pooled["methods"].get(reference, {}).get("units")
     methods = methods or tuple(m for m, s in pooled["methods"].items()
                                if s.get("units") == full and len(s.get("curve") or []) > 1)
     try:
@@ -121,11 +125,11 @@ def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] | None = Non
         s = pooled["methods"].get(m)
         if s and s["curve"]:
             xs, ys = zip(*s["curve"])
-            fwd = " (fwd only)" if m == REFERENCE else ""
+            fwd = " (fwd only)" if m in TI_METHODS else ""
             ax.plot(xs, ys, marker="o", label=f"{label(m)}{fwd}, {s['units']} runs")
-    if REFERENCE in pooled["methods"]:
-        ti = pooled["methods"][REFERENCE]["concept_fidelity"]
-        ax.axhline(ti, ls=":", lw=0.8, color="black", label="backprop TI, final")
+    if reference in pooled["methods"]:
+        ti = pooled["methods"][reference]["concept_fidelity"]
+        ax.axhline(ti, ls=":", lw=0.8, color="black", label=f"{label(reference)}, final")
         ax.axhline(0.9 * ti, ls="--", lw=0.8, color="black", label="90% of it")
     return save_curve(fig, ax, path, f"toy world, pooled over draws {pooled['draws']}",
                       "concept fidelity (mean over runs)")
@@ -142,11 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", type=Path, help="bench.toy.quality result JSON files")
     p.add_argument("--out", type=Path, required=True, help="pooled JSON (a .md table is written beside it)")
+    p.add_argument("--reference", default=REFERENCE, choices=sorted(TI_METHODS),
+                   help="the backprop TI setting ratios are taken against")
     a = p.parse_args(argv)
     missing = [str(f) for f in a.results if not f.is_file()]
     if missing:
         raise SystemExit(f"missing result file(s): {', '.join(missing)}; run bench.toy.quality first")
-    pooled = pool([json.loads(f.read_text()) for f in a.results])
+    pooled = pool([json.loads(f.read_text()) for f in a.results], a.reference)
     write(pooled, a.out)
     print(table(pooled))
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from zo_runtime.image_io import load_rgb
 from zo_runtime.io_utils import atomic_write, atomic_write_text
 
-from .method import REPORTED, label
+from .method import REPORTED, TI_METHODS, label
 from .shared import GOAL_PASSES
 
 
@@ -40,7 +40,7 @@ def table(res: dict) -> str:
     for m in ordered(res):
         s = res["methods"][m]
         hit = s.get("passes_to_90pct_ti")
-        passes = s["forward_passes"] if m != "backprop_ti" else f"{s['forward_passes']} + {s['forward_passes']} bwd"
+        passes = s["forward_passes"] if m not in TI_METHODS else f"{s['forward_passes']} + {s['forward_passes']} bwd"
         lines.append(f"| {label(m)} | {s['concept_fidelity']:.3f} | {s['shape_accuracy']:.2f} / "
                      f"{s['color_accuracy']:.2f} / {s['pattern_accuracy']:.2f} | {s['prompt_fidelity']:.3f} | "
                      f"{s['feature_similarity']:.3f} | {passes} | {'-' if hit is None else hit} | "
@@ -95,7 +95,7 @@ def curve_figure(res: dict, path: Path) -> Path | None:
             ax.axhline(ys[0], ls=":", lw=1, color="gray" if m == "init_only" else "green", label=label(m))
         else:   # past matplotlib's 10 colors, the line style tells methods apart
             ax.plot(xs, ys, marker="o", ls=("-", "--", "-.")[i // 10 % 3],
-                    label=label(m) + (" (fwd only)" if m == "backprop_ti" else ""))
+                    label=label(m) + (" (fwd only)" if m in TI_METHODS else ""))
     if "backprop_ti" in res["methods"]:
         ax.axhline(0.9 * res["methods"]["backprop_ti"]["concept_fidelity"], ls="--", lw=0.8, color="black",
                    label="90% of backprop TI (final)")

@@ -1,8 +1,8 @@
 """Backprop Textual Inversion on the fp32 toy model: the quality reference of bench.toy.quality.
 
 The diffusers script's recipe (bench.torch_ti.load: frozen fp32 UNet/VAE/text encoder, AdamW, only the
-placeholder row learns), trained for real: a random object template per step like the script, batch 1,
-t ~ Uniform{0..999} (no PUTS: that is ZOODiP's), true gradients. One change of implementation, not of
+placeholder row learns), trained for real: a random object template per sample like the script, batch 1
+by default (ToyTIConfig.batch), t ~ Uniform{0..999} (no PUTS: that is ZOODiP's), true gradients. One change of implementation, not of
 math: AdamW runs on a (1, d) copy of the placeholder row spliced into the embedding output, instead of
 on the whole (49409, d) table with the other rows restored after each step. AdamW is elementwise, so
 the row follows the same trajectory; the script's way spends 0.3-0.9 s a step on the toy model
@@ -30,6 +30,7 @@ class ToyTIConfig:
     lr: float = 5e-3                  # the paper's TI learning rate (diffusers' 5e-4 x batch 4 x 2.5 ~ same scale)
     t_range: tuple[int, int] = (0, 1000)   # the TI script samples every timestep
     resolution: int = 64              # the toy world's native size
+    batch: int = 1                    # samples per step (image, flip, template, t, noise each); the script's is 4
     seed: int = 0
     # One thread: the toy model's ops are too small to split, and OpenMP threads that wait on each other
     # on a shared 2-core machine slowed a step from 0.08 s to several seconds.
@@ -95,8 +96,8 @@ def train_ti(pipeline_dir: str | Path, images_dir: str | Path, init: str, cfg: T
     losses, train_s = [], 0.0
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
-        ids = token_ids(parts, rng.choice(OBJECT_TEMPLATES).format(tcfg.token))
-        loss = _loss(parts, latents, ids, cfg.t_range, gen)
+        loss = sum(_loss(parts, latents, token_ids(parts, rng.choice(OBJECT_TEMPLATES).format(tcfg.token)),
+                         cfg.t_range, gen) for _ in range(cfg.batch)) / cfg.batch
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
