@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .io_utils import atomic_write
 
@@ -87,14 +88,51 @@ def grid(images: list[np.ndarray], cols: int | None = None) -> Image.Image:
 write_grid = save_grid   # the name some callers use
 
 
-def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
-    """An image file -> (H, W, 3) uint8 RGB with EXIF orientation applied; optional center-crop + resize."""
-    from PIL import ImageOps
+BACKGROUND = (255, 255, 255)   # transparent pixels are composited on white, as an image viewer shows them
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB as it looks: EXIF orientation applied, 16-bit grey scaled (not clipped),
+    palette / LA / RGBA composited on white, CMYK and other modes through PIL's conversion."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, np.float64)
+        # 16-bit PNGs open as I;16 (or I); 32-bit I or float F images keep their range when it fits 8 bits
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else (1.0 if im.mode == "F" and a.max() <= 1 else 255.0)
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        flat = Image.new("RGB", im.size, BACKGROUND)
+        flat.paste(im, mask=im.getchannel("A"))
+        return flat
+    return im.convert("RGB")
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB (to_rgb); ValueError naming the file and the fix for anything unreadable."""
+    path = Path(path)
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                rgb = to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"image {path} is too large to read safely ({err}); downscale it (photos of a few "
+                         "megapixels are plenty: training uses 512-1024 px)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ValueError(f"cannot read image {path} ({err}); remove or replace that file") from None
+    if 0 in rgb.size:
+        raise ValueError(f"image {path} is empty ({rgb.width}x{rgb.height}); remove or replace that file")
+    return rgb
+
+
+def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB (read_rgb); optional center-crop + resize to size x size."""
+    im = read_rgb(path)
     if size:
         s = min(im.size)
         left, top = (im.width - s) // 2, (im.height - s) // 2

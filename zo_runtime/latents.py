@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from .image_io import read_rgb
 from .io_utils import atomic_savez
 from .model_dir import ModelDir
 from .session import OnnxModel
@@ -58,16 +59,10 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
-    """(3, res, res) float32 in [-1, 1]: EXIF orientation, RGB, short side resized, center crop."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path} ({err}); remove or replace that file") from err
+    """(3, res, res) float32 in [-1, 1]: the image as it looks (image_io.read_rgb), short side resized,
+    center crop."""
+    im = read_rgb(path)
     w, h = im.size
-    if w == 0 or h == 0:
-        raise ValueError(f"image {path} is empty ({w}x{h}); remove or replace that file")
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     im = im.resize((nw, nh), Image.Resampling.BICUBIC)
