@@ -7,6 +7,7 @@ directions); the training loop (train.py) and workers elsewhere call `draw` and 
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ class Objective:
     dirs: zo.Directions       # the queries' directions (priors.build; rebuilt every prior_refresh steps)
     prior_args: tuple         # (prompts, batch) directions are built from (priors.PromptRows)
     dirs_seconds: float       # time one build of the directions took (the plan amortizes refreshes)
+    fingerprint: dict         # {"model": manifest sha256, "images": photos' sha256}: what a checkpoint was made on
 
 
 def batch_dim(session: OnnxModel, name: str) -> int | None:
@@ -128,7 +130,17 @@ def open_objective(model_dir, images_dir, out: Path, cfg: TrainConfig) -> Object
     unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
     unet_rows = batch_per_call(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     return Objective(cfg, model, text, unet, latents, drawer, tokens, v0, model.alphas_cumprod(), res, unet_rows,
-                     text_rows, dirs, (draws, batch), dirs_seconds)
+                     text_rows, dirs, (draws, batch), dirs_seconds, fingerprint(model, images_dir))
+
+
+def fingerprint(model: ModelDir, images_dir) -> dict:
+    """What a run is trained on: sha256 of the model's manifest (it holds every file's hash) and of the photos."""
+    h = hashlib.sha256()
+    for p in lat.list_images(images_dir):
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return {"model": hashlib.sha256((model.root / "manifest.json").read_bytes()).hexdigest()[:16],
+            "images": h.hexdigest()[:16]}
 
 
 def losses(run: Objective, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,

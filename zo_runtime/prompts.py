@@ -67,5 +67,10 @@ def load_captions(path: str | Path, image_names: list[str]) -> dict[str, str]:
             raise ValueError(f"{path} has no caption for {name}; add a line `{name}<TAB>a photo of {{}} ...`")
         if "{}" not in cap:
             raise ValueError(f"{path}: the caption for {name} has no '{{}}' where the learned token goes: {cap!r}")
+        try:
+            cap.format("sks")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"{path}: the caption for {name} has a stray brace field ({err!r}) in {cap!r}: only "
+                             "'{}' marks the token; write other braces as '{{' and '}}'") from None
         out[name] = cap
     return out

@@ -35,14 +35,64 @@ def fix_malloc_mmap_threshold() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
+_CHUNK = 64 << 20        # bytes read at a time when scanning a graph file (never the whole file in memory)
+
+
+def _mentions(path: Path, needle: bytes) -> bool:
+    """Whether the file's bytes contain `needle` (read in chunks with overlap)."""
+    tail = b""
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+    return False
+
+
+def check_external_data(path: str | Path) -> None:
+    """ValueError naming the file when an ONNX graph keeps weights outside its own folder.
+
+    Every external-data location must be a relative path that stays inside the graph's folder (symlinks
+    resolved) and exists. Graphs without external data (no `location` entry in their bytes) are not parsed."""
+    import onnx
+
+    path = Path(path)
+    if not _mentions(path, b"location"):
+        return
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:              # protobuf's DecodeError & co.: not an ONNX graph at all
+        raise ValueError(f"{path} is not a readable ONNX file ({type(err).__name__}: {err}); it is damaged: "
+                         "export or quantize the model again") from None
+    folder = path.parent.resolve()
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / where).resolve()
+        if not where or Path(where).is_absolute() or not target.is_relative_to(folder):
+            raise ValueError(f"{path}: tensor {t.name!r} keeps its data at {where!r}, outside the model's "
+                             "folder; zoodip refuses it. Use a model folder written by zoodip export/quantize")
+        if not target.is_file():
+            raise ValueError(f"{path}: tensor {t.name!r} needs {where!r}, which is missing beside it; copy the "
+                             "whole model folder (model.onnx with its model.onnx_data)")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
 class OnnxModel:
     """An InferenceSession that checks and casts its inputs (e.g. timestep float vs int64)."""
 
     def __init__(self, path: str | Path, provider: str = "cpu", provider_options: dict | None = None,
-                 threads: int = 0):
+                 threads: int = 0, expect: tuple[str, ...] = ()):
+        """expect: input names the caller will feed (the layout's); a graph without them is refused here."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: export the model first (`zoodip export`)")
+        check_external_data(path)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # 0: onnxruntime picks (all physical cores). ZOODIP_THREADS caps it, e.g. to keep a laptop core free
@@ -52,9 +102,18 @@ class OnnxModel:
         so.enable_cpu_mem_arena = False
         fix_malloc_mmap_threshold()     # ... and malloc must return what onnxruntime frees
         self.path = path
-        self.session = ort.InferenceSession(str(path), so, providers=prov.session_providers(provider, provider_options))
+        providers = prov.session_providers(provider, provider_options)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as err:      # onnxruntime's Fail / InvalidProtobuf / InvalidGraph / NoSuchFile ...
+            raise ValueError(f"onnxruntime cannot load {path} ({_first_line(err)}): the file is damaged or not a "
+                             "model zoodip wrote; export or quantize the model again") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in expect if n not in self.inputs]
+        if missing:
+            raise ValueError(f"{path} has inputs {sorted(self.inputs)}, not {list(expect)} as zoodip's layout "
+                             "defines them (zo_runtime/model_dir.py): export the model with `zoodip export`")
 
     @property
     def provider(self) -> str:
@@ -86,4 +145,8 @@ class OnnxModel:
                                      f"wants {want} (shape {meta.shape}); use a matching batch/resolution")
             # np.require keeps 0-d inputs 0-d (ascontiguousarray would make a scalar timestep shape (1,)).
             cast[name] = np.require(value, dtype=self.input_dtype(name), requirements="C")
-        return self.session.run(outputs or self.output_names, cast)
+        try:
+            return self.session.run(outputs or self.output_names, cast)
+        except Exception as err:      # shapes the graph cannot take, kernels that fail on this input ...
+            raise ValueError(f"onnxruntime failed running {self.path} ({_first_line(err)}); check the model "
+                             "folder and the --resolution / --height / --width it is run at") from None

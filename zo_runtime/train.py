@@ -12,6 +12,7 @@ import math
 import platform
 import resource
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from .train_config import TrainConfig, trajectory
 
 CHECKPOINT = "checkpoint.npz"
 EMBEDS, LAST_EMBEDS = "learned_embeds.safetensors", "learned_embeds_last.safetensors"
+OUTPUTS = (EMBEDS, LAST_EMBEDS, "config.json", "log.jsonl", "timing.json")   # what a run writes in OUT
 # Settings of older zoodip versions that no longer exist, at the value that behaves as this version does.
 RETIRED = {"estimator": "rge", "lr_schedule": "constant", "average": 0.0, "normalize": "coordinate",
            "prior_power": 1.0, "prior_words": None, "guide_share": 0.5, "betas": [0.9, 0.999]}
@@ -37,19 +39,44 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(r + "\n" for r in keep))
 
 
-def _start(out: Path, cfg: TrainConfig, v0: np.ndarray) -> tuple[zo.ZOState, Tracker]:
-    """A fresh optimizer state and validation tracker, or the checkpoint's when resuming (same settings)."""
+def _fresh(out: Path, cfg: TrainConfig, v0: np.ndarray) -> tuple[zo.ZOState, Tracker]:
+    """Step 0, after making sure nothing another run wrote in OUT is replaced without --force."""
+    found = [n for n in OUTPUTS if (out / n).is_file() and (out / n).stat().st_size > 0]
+    if found and not cfg.force:
+        raise FileExistsError(f"{out} holds {', '.join(found)} from another run (and no checkpoint to resume): "
+                              "choose another --out, or pass --force to replace them")
+    if cfg.resume:
+        tqdm.write(f"no {CHECKPOINT} in {out}; starting from step 0")
+    _truncate_log(out / "log.jsonl", 0)
+    return zo.ZOState.start(v0, cfg.zo), Tracker.start(v0)
+
+
+def _load_checkpoint(ck: Path, v0: np.ndarray) -> tuple[dict, dict | None, zo.ZOState, Tracker]:
+    """(settings, fingerprint, state, tracker) of a checkpoint; never unpickles; one clear error if damaged."""
+    try:
+        with np.load(ck, allow_pickle=False) as z:
+            saved = json.loads(str(z["config"]))
+            fingerprint = json.loads(str(z["fingerprint"])) if "fingerprint" in z.files else None
+            return saved, fingerprint, zo.ZOState.from_arrays(z), Tracker.from_arrays(z, v0)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{ck} is damaged or not zoodip's ({type(err).__name__}): delete it or use another "
+                         "--out") from None
+
+
+def _start(out: Path, cfg: TrainConfig, v0: np.ndarray, fingerprint: dict) -> tuple[zo.ZOState, Tracker]:
+    """A fresh optimizer state and validation tracker, or the checkpoint's when resuming (same settings,
+    model and photos)."""
     ck = out / CHECKPOINT
-    if not ck.is_file():
-        if cfg.resume:
-            tqdm.write(f"no {CHECKPOINT} in {out}; starting from step 0")
-        _truncate_log(out / "log.jsonl", 0)
-        return zo.ZOState.start(v0, cfg.zo), Tracker.start(v0)
-    with np.load(ck) as z:
-        saved, state, tracker = json.loads(str(z["config"])), zo.ZOState.from_arrays(z), Tracker.from_arrays(z, v0)
+    if not ck.is_file() or (cfg.force and not cfg.resume):      # --force without --resume: start it over
+        return _fresh(out, cfg, v0)
+    saved, made_with, state, tracker = _load_checkpoint(ck, v0)
     if not cfg.resume:
         raise FileExistsError(f"{out} already holds a run at step {state.step}: pass --resume to continue it, "
-                              "or choose another --out")
+                              "--force to start it over, or choose another --out")
+    if made_with is not None and made_with != fingerprint:
+        what = " and ".join(k for k in ("model", "images") if made_with.get(k) != fingerprint.get(k))
+        raise ValueError(f"cannot resume {ck}: it was trained with other {what} (fingerprints differ); use the same "
+                         "MODEL and --images, or another --out")
     then, now = trajectory(saved), cfg.trajectory()
     changed = sorted(k for k in now.keys() | then.keys() if then.get(k) != now.get(k))
     changed += sorted(k for k, v in RETIRED.items() if k in saved and saved[k] != v)   # settings gone since
@@ -63,10 +90,11 @@ def _start(out: Path, cfg: TrainConfig, v0: np.ndarray) -> tuple[zo.ZOState, Tra
 
 
 def _save(out: Path, run: obj.Objective, state: zo.ZOState, tracker: Tracker) -> Path:
-    """Atomic checkpoint (state, validation tracker, config), then the learned embeddings: the vector with
-    the best validation loss under early stopping (the last one beside it), else the last one."""
+    """Atomic checkpoint (state, validation tracker, config, fingerprint), then the learned embeddings: the
+    vector with the best validation loss under early stopping (the last one beside it), else the last one."""
     cfg = run.cfg
-    atomic_savez(out / CHECKPOINT, **state.arrays(), **tracker.arrays(), config=np.array(json.dumps(cfg.as_dict())))
+    atomic_savez(out / CHECKPOINT, **state.arrays(), **tracker.arrays(), config=np.array(json.dumps(cfg.as_dict())),
+                 fingerprint=np.array(json.dumps(run.fingerprint)))
     last = state.v.reshape(run.v0.shape)
     if not cfg.early_stop:
         return save_learned_embeds(out / EMBEDS, cfg.token, last)
@@ -159,7 +187,7 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
     out.mkdir(parents=True, exist_ok=True)
     run = obj.open_objective(model_dir, images_dir, out, cfg)
     cfg = run.cfg
-    state, tracker = _start(out, cfg, run.v0)
+    state, tracker = _start(out, cfg, run.v0, run.fingerprint)
     budget = pl.parse_duration(cfg.time_budget) if cfg.time_budget else None
     _write_config(out, run, images_dir)
     buf, steps, first, timing, stop = obj.Buffers.for_run(run), cfg.steps, state.step + 1, [], None

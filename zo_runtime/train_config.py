@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from . import priors, prompts, zo
@@ -11,7 +12,7 @@ from .schedule import SCHEDULES
 
 # Settings that may change between a run and its resume without changing the steps already taken.
 RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "resume", "provider", "provider_options", "progress",
-                     "schedule", "time_budget", "warmup_steps", "patience"}
+                     "schedule", "time_budget", "warmup_steps", "patience", "force"}
 # Settings that shape the directions of every kind but gaussian (--directions jacobian).
 JACOBIAN_SETTINGS = {"prior_rank", "prior_refresh", "prior_mix", "prior_prompts"}
 VALIDATION_SETTINGS = {"val_every", "val_draws"}      # shape nothing when early_stop is off
@@ -51,6 +52,8 @@ class TrainConfig:
         flag="--provider-option")
     save_every: int = setting(500, "Checkpoint period in steps (reference save_steps); 0: only at the end.", cli=True)
     resume: bool = setting(False, "Continue from OUT/checkpoint.npz.", cli=True)
+    force: bool = setting(False, "Replace results in OUT that another run wrote (nothing is replaced "
+                          "without it).", cli=True)
     # Method settings (--set NAME=VALUE).
     queries: int = setting(2, "n: perturbations per step, n + 1 forward passes; best CLIP-I per pass in the paper.")
     mu: float | None = setting(None, "Perturbation size [default: what the model's quantization was validated "
@@ -88,6 +91,13 @@ class TrainConfig:
             if not 0 <= lo < hi <= 1000:
                 raise ValueError(f"t_range {lo},{hi} must satisfy 0 <= LO < HI <= num_train_timesteps (1000)")
         object.__setattr__(self, "provider_options", tuple(tuple(p) for p in self.provider_options))
+        for name in ("lr", "mu", "nu", "subspace_cap", "prior_mix"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.resolution is not None and self.resolution <= 0:
+            raise ValueError(f"--resolution must be a positive number of pixels (e.g. 512), got {self.resolution}; "
+                             "leave it out for the model's native size")
         zo.ZOConfig(queries=self.queries, mu=self.mu or 1.0, tau=self.tau, nu=self.nu,
                     subspace_cap=self.subspace_cap, lr=self.lr or 1.0)      # validates the optimizer fields
         for name in ("steps", "num_vectors", "val_every", "val_draws"):

@@ -5,6 +5,7 @@ Commands import their stage lazily so `zoodip --help` stays fast and never impor
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import click
@@ -69,6 +70,9 @@ def _one_line(message, category, filename, lineno, file=None, line=None) -> str:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="zoodip")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also: ZOODIP_DEBUG=1).")
+def main(debug):
     """zoodip: personalize a quantized Stable Diffusion with forward passes only (ZOODiP)."""
     warnings.formatwarning = _one_line
+    if debug:
+        os.environ["ZOODIP_DEBUG"] = "1"
