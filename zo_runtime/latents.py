@@ -32,13 +32,29 @@ class Latents:
         return (mean + self.std[index, int(flip)] * rng.standard_normal(mean.shape, dtype=np.float32))[None]
 
 
-def check_resolution(model: ModelDir, resolution: int | None) -> int:
-    """The training resolution: native by default; a multiple of vae_scale_factor*8; equal to static shapes."""
-    res = int(resolution or model.manifest["native_resolution"])
+# Sizes above this many times the model's native one are refused unless asked for: activation memory and
+# time grow with the pixels ((R/N)^2), and such a typo (100000 px) would try to allocate tens of GB.
+MAX_SIZE_FACTOR = 2
+
+
+def check_size(model: ModelDir, px: int, what: str, allow_large: bool = False) -> None:
+    """ValueError when px exceeds MAX_SIZE_FACTOR x the model's native size (unless allow_large)."""
+    native = int(model.manifest["native_resolution"])
+    if px > MAX_SIZE_FACTOR * native and not allow_large:
+        raise ValueError(f"{what} {px} is over {MAX_SIZE_FACTOR}x this model's native {native} px: each UNet pass "
+                         f"would take ~{(px / native) ** 2:.0f}x the memory and time of one at {native} px. Use "
+                         f"{native}, or allow it with --set large_resolution=true")
+
+
+def check_resolution(model: ModelDir, resolution: int | None, allow_large: bool = False) -> int:
+    """The training resolution: native by default; a multiple of vae_scale_factor*8; equal to static shapes;
+    at most MAX_SIZE_FACTOR x native unless allow_large."""
+    res = int(model.manifest["native_resolution"] if resolution is None else resolution)
     step = int(model.manifest["vae_scale_factor"]) * 8
     if res <= 0 or res % step:
         raise ValueError(f"resolution {res} must be a positive multiple of {step} (VAE factor "
                          f"{model.manifest['vae_scale_factor']} x 8, for the UNet's down-sampling); try {max(step, res // step * step)}")
+    check_size(model, res, "--resolution", allow_large)
     static = model.static_shapes
     if static and (static.get("height"), static.get("width")) != (res, res):
         raise ValueError(f"{model.root} is a static-shape model for {static.get('height')}x{static.get('width')} px; "

@@ -113,7 +113,7 @@ def open_objective(model_dir, images_dir, out: Path, cfg: TrainConfig) -> Object
     model = ModelDir.open(model_dir)
     cfg = schedule.resolve(cfg, model.manifest)
     priors.check(cfg)
-    res = lat.check_resolution(model, cfg.resolution)
+    res = lat.check_resolution(model, cfg.resolution, cfg.large_resolution)
     opts = dict(cfg.provider_options)
     latents = lat.encode_images(model, images_dir, res, out, cfg.provider, opts)
     text = TextEncoder(model, cfg.provider, opts)

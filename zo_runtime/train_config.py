@@ -74,6 +74,8 @@ class TrainConfig:
     val_draws: int = setting(8, "early_stop: (image, t, noise) draws of the validation set; with val_every 100 "
                              "they cost 2.7% of a 3-pass step's passes.")
     patience: int = setting(5, "early_stop: checks without a new best before the run stops.")
+    large_resolution: bool = setting(False, "Allow --resolution above 2x the model's native size (memory and "
+                                     "time grow with the pixels).")
     warmup_steps: int = setting(3, "Steps timed for the plan (the first is left out: one-off start costs).")
     latent: str = setting("sample", "x0 per step: a VAE posterior sample (reference) or its mean.",
                           choices=("sample", "mean"))
