@@ -247,3 +247,29 @@ def test_unet_calls_give_the_floats_of_the_whole_step(tiny_exported, photos, tmp
     driver = O.open_objective(tiny_exported, photos, tmp_path, quick(), role="driver")
     assert driver.unet is None and np.array_equal(driver.latents.mean, run.latents.mean)
     assert driver.cfg == run.cfg
+
+
+def test_workers_import_no_torch():
+    """What a Ray worker imports to run its actor (zoodip.cluster's modules) leaves torch & co. out."""
+    heavy = ("torch", "diffusers", "transformers", "optimum", "ray")
+    script = ("import sys\nimport zoodip.cluster.queries, zoodip.cluster.subjects, zoodip.cli.cluster\n"
+              f"print([m for m in {heavy!r} if m in sys.modules])")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_step_time_model_reads_the_committed_results(tmp_path):
+    """bench.ray.model on the committed measurements: its formula, and the SD 1.5 rows docs/scale_out.md quotes."""
+    from bench.ray import model
+
+    parts = {"pass": 2.0, "te": lambda P: 0.1 * P, "drv": 0.5, "msg": 0.25}
+    assert model.step_time(parts, 9, None) == pytest.approx(0.5 + 0.9 + 18)
+    assert model.step_time(parts, 9, 4) == pytest.approx(0.5 + 0.25 + 0.9 + 3 * 2.0)     # ceil(9 / 4) passes
+    te, fit = model.linear({1: 0.3, 3: 0.5})
+    assert te(5) == pytest.approx(0.7) and fit == {"a": 0.2, "b": 0.1}
+    model.main(["--scaling", str(REPO / "bench/results/ray_scaling.json"), "--speed",
+                str(REPO / "bench/results/speed_current.json"), "--out", str(tmp_path / "m.json")])
+    rows = json.loads((tmp_path / "m.json").read_text())["sd15_w8_512"]["predict"]["rows"]
+    got = {(r["workers"], r["queries"]): r["step_seconds"] for r in rows}
+    assert got[(3, 2)] == pytest.approx(8.0, abs=0.05) and got[(9, 8)] == pytest.approx(8.4, abs=0.05)

@@ -59,7 +59,11 @@ def connect(cfg: ClusterConfig, what: str = "this command"):
     if ray.is_initialized():
         return ray, False
     if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=cfg.address, log_to_driver=False, configure_logging=False)
+        except ConnectionError as err:
+            raise ValueError(f"no Ray cluster answers at --address {cfg.address} ({err}); start one with "
+                             "`ray start --head` or leave --address out to run on this machine") from None
         return ray, True
     ray.init(address=None, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False, object_store_memory=LOCAL_OBJECT_STORE)

@@ -54,6 +54,8 @@ def shares(count: int, workers: int) -> list[list[int]]:
 class Remote:
     """objective.Evaluator whose passes run on a pool of QueryWorkers (started by open, stopped by close)."""
 
+    worker = QueryWorker        # the actor class (a benchmark times its calls in a subclass)
+
     def __init__(self, ray, cluster: ClusterConfig):
         self.ray, self.cluster, self.pool = ray, cluster, None
 
@@ -63,7 +65,7 @@ class Remote:
             raise ValueError("workers run one UNet pass per call: drop --set unet_batch=batch to train on a cluster")
         workers = pool_size(self.ray, self.cluster, most=run.cfg.zo.passes)
         # The driver's Latents travel to the workers: they need the model at the same path, not the photos.
-        self.pool = Pool(self.ray, QueryWorker, (str(model_dir), run.cfg, run.latents, self.cluster.threads),
+        self.pool = Pool(self.ray, self.worker, (str(model_dir), run.cfg, run.latents, self.cluster.threads),
                          workers, self.cluster)
         if any(i["unet_rows"] != 1 for i in self.pool.info):
             raise ValueError(f"{run.model.onnx('unet')} has a static batch of {run.cfg.zo.passes}: one step is one "
