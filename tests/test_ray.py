@@ -181,7 +181,7 @@ def test_train_many_survives_a_killed_worker_bit_for_bit(tiny_exported, photos, 
     assert "| subject0 | 60 |" in (out / "summary.md").read_text()
     for i, f in enumerate(folders):
         ref = tmp_path / "ref" / f.name
-        T.train(tiny_exported, f, ref, quick(**settings, seed=i, resume=True))
+        T.train(tiny_exported, f, ref, quick(**settings, seed=i))
         assert_same_run(ref, out / f.name)
     again = train_many(tiny_exported, jobs, out, ClusterConfig(workers=2), False)    # complete: all skipped
     assert [r["status"] for r in json.loads(again.read_text())["subjects"]] == ["skipped"] * 3
@@ -207,7 +207,8 @@ def test_bad_jobs_lines_are_named_before_anything_runs(tiny_exported, photos, tm
     assert not (tmp_path / "out").exists()                   # nothing ran
     jobs.write_text(json.dumps(good) + "\n")
     (job,) = read_jobs(jobs, tmp_path / "out")
-    assert (job.out, job.cfg.resume, job.cfg.progress) == (tmp_path / "out" / photos.name, True, False)
+    assert (job.out, job.cfg.resume, job.cfg.force, job.cfg.progress) == (tmp_path / "out" / photos.name, True, True,
+                                                                           False)
 
 
 @pytest.mark.parametrize("args", [["train-many", "m", "jobs.jsonl", "--out", "o"],

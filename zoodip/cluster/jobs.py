@@ -2,8 +2,9 @@
 
 A line: {"images": "photos/dog", "token": "sks", "init": "dog", "out": "dog", "steps": 500, ...}: any
 TrainConfig field by name. `images` is relative to the JOBS file, `out` to --out (default: the images
-folder's name). train-many sets resume (a retried or re-run subject continues from its checkpoint) and
-progress (one bar for all subjects).
+folder's name). train-many sets resume (a retried or re-run subject continues from its checkpoint), force
+(a subject whose worker died before its first checkpoint starts over in its own folder) and progress (one
+bar for all subjects).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from zo_runtime.latents import list_images
 from zo_runtime.train import CHECKPOINT, EMBEDS, checkpoint_step
 from zo_runtime.train_config import TrainConfig
 
-SET_BY_TRAIN_MANY = {"resume": True, "progress": False}
+SET_BY_TRAIN_MANY = {"resume": True, "force": True, "progress": False}
 LOSS_WINDOW = 20        # steps the summary's final loss is averaged over (one step's loss depends on its t)
 
 
