@@ -125,6 +125,19 @@ def worker_components(model: str, images: str, result: Path) -> None:
     common.write_json(result, out)
 
 
+def worker_sessions(model: str, images: str, result: Path, repeats: int = 7) -> None:
+    """Seconds to open a run with new sessions vs with the sessions a train-many worker keeps (objective.Sessions)."""
+    import tempfile
+
+    from zo_runtime import objective as O
+    out, cfg, kept = Path(tempfile.mkdtemp()), _cfg(2, 10), O.Sessions()
+    O.open_objective(model, images, out, cfg, sessions=kept)           # latents cached, sessions kept
+    new = [_time(lambda: O.open_objective(model, images, out, cfg)) for _ in range(repeats)]
+    warm = [_time(lambda: O.open_objective(model, images, out, cfg, sessions=kept)) for _ in range(repeats)]
+    common.write_json(result, {"machine": common.machine_facts(), "open_new_sessions": common.time_stats(new),
+                               "open_kept_sessions": common.time_stats(warm)})
+
+
 def _medians(fn, repeats: int) -> dict:
     """{"wall": median seconds, "cpu": median CPU seconds} of fn() over `repeats` calls after a warm-up."""
     fn()
@@ -269,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--many-steps", type=int, default=150)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--parts", nargs="+", default=["one", "many"], help="messaging is always measured")
-    p.add_argument("--worker", choices=("single", "components", "sequential"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("single", "components", "sequential", "sessions"),
+                   help="run one part in this process (sessions: python -m bench.ray.scaling --worker sessions "
+                        "--images runs/ray/photos/c0 --result bench/results/ray_sessions.json)")
     for name in ("--images", "--run", "--jobs"):          # a --worker's arguments
         p.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -279,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         return worker_single(str(args.model), args.images, args.run, args.n, args.steps)
     if args.worker == "components":
         return worker_components(str(args.model), args.images, args.result)
+    if args.worker == "sessions":
+        return worker_sessions(str(args.model), args.images, args.result)
     if args.worker == "sequential":
         return worker_sequential(str(args.model), args.jobs, args.run)
     run_all(args)
