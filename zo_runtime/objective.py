@@ -4,13 +4,20 @@ One step (method.md): draw image, prompt, t in the PUTS range and noise (common 
 put v and v + mu z_i in the placeholder rows; text encoder as one batch; UNet as one batch (or one
 by one); (P,) MSE losses. `Objective` holds what a run opens once (sessions, latents, prompts,
 directions); the training loop (train.py) and workers elsewhere call `draw` and `losses` on it.
+
+Where a step's losses are computed is one seam, an `Evaluator`: `Local` (this process, the default) or
+workers elsewhere (zoodip.cluster), which open the objective with role "worker", recompute the step's
+draws from (seed, step) and run the text encoder on all P points but the UNet only on their own passes,
+so every loss is the float this process would compute.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -22,6 +29,10 @@ from .text import TextEncoder
 from .train_config import TrainConfig
 
 VALIDATION_STREAM = 3     # zo.step_rng's data and direction streams are 0 and 1
+# What open_objective opens. all: everything, for one process. driver: no UNet (workers run it; the text
+# encoder stays for the prompts and the Jacobian directions). worker: no directions (the driver draws the
+# query points); its photos come as the driver's Latents, so a worker needs neither the images nor OUT.
+ROLES = ("all", "driver", "worker")
 
 
 def place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
@@ -77,7 +88,7 @@ class Objective:
     cfg: TrainConfig          # resolved against the model (schedule.resolve)
     model: ModelDir
     text: TextEncoder
-    unet: OnnxModel
+    unet: OnnxModel | None    # None on a driver whose workers run the UNet
     latents: lat.Latents
     prompts: Prompts
     tokens: list[str]
@@ -108,15 +119,42 @@ def batch_per_call(session: OnnxModel, name: str, passes: int, want: int, what: 
                      f"quantize the {what} with batch 1 or {passes} (or change --queries)")
 
 
-def open_objective(model_dir, images_dir, out: Path, cfg: TrainConfig) -> Objective:
-    """Open the model's sessions, encode the photos (cached in OUT) and resolve cfg against the model."""
+class Sessions:
+    """onnxruntime sessions kept open across runs on one model (a train-many worker trains many subjects).
+
+    Only the text encoder and the UNet (the large ones); keyed by path, provider, options and threads."""
+
+    def __init__(self):
+        self.open: dict[tuple, OnnxModel] = {}
+
+    def get(self, path: Path, provider: str, options: dict) -> OnnxModel:
+        key = (str(Path(path).resolve()), provider, tuple(sorted(options.items())), os.environ.get("ZOODIP_THREADS"))
+        if key not in self.open:
+            self.open[key] = OnnxModel(path, provider, options)
+        return self.open[key]
+
+
+def _session(sessions: Sessions | None, path: Path, provider: str, options: dict) -> OnnxModel:
+    return sessions.get(path, provider, options) if sessions else OnnxModel(path, provider, options)
+
+
+def open_objective(model_dir, images_dir, out: Path | None, cfg: TrainConfig, role: str = "all",
+                   sessions: Sessions | None = None) -> Objective:
+    """Open the model's sessions, encode the photos (cached in OUT) and resolve cfg against the model.
+
+    role: see ROLES; a "worker" takes the driver's Latents as images_dir and its resolved cfg.
+    sessions: reuse sessions already open on this model (None: open new ones)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     model = ModelDir.open(model_dir)
-    cfg = schedule.resolve(cfg, model.manifest)
+    cfg = cfg if role == "worker" else schedule.resolve(cfg, model.manifest)
     priors.check(cfg)
     res = lat.check_resolution(model, cfg.resolution, cfg.large_resolution)
     opts = dict(cfg.provider_options)
-    latents = lat.encode_images(model, images_dir, res, out, cfg.provider, opts)
-    text = TextEncoder(model, cfg.provider, opts)
+    latents = images_dir if isinstance(images_dir, lat.Latents) else \
+        lat.encode_images(model, images_dir, res, out, cfg.provider, opts)
+    te = _session(sessions, model.onnx("text_encoder"), cfg.provider, opts)
+    text = TextEncoder(model, cfg.provider, opts, session=te)
     tokens, v0 = place_tokens(text, cfg)
     passes = cfg.zo.passes
     text_rows = batch_per_call(text.session, "inputs_embeds", passes, passes, "text encoder")
@@ -125,12 +163,15 @@ def open_objective(model_dir, images_dir, out: Path, cfg: TrainConfig) -> Object
     draws = [drawer.draw_template(i) for i in range(min(cfg.prior_prompts, len(drawer.templates)))]
     batch = text_rows if batch_dim(text.session, "inputs_embeds") else 16
     t0 = time.perf_counter()
-    dirs = priors.build(cfg, text, (draws, batch), v0)
+    dirs = zo.Gaussian() if role == "worker" else priors.build(cfg, text, (draws, batch), v0)  # workers get points
     dirs_seconds = time.perf_counter() - t0
-    unet = OnnxModel(model.onnx("unet"), cfg.provider, opts)
-    unet_rows = batch_per_call(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
+    unet, unet_rows = None, 1              # a driver sends its passes to workers, one UNet pass per call
+    if role != "driver":
+        unet = _session(sessions, model.onnx("unet"), cfg.provider, opts)
+        unet_rows = batch_per_call(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     return Objective(cfg, model, text, unet, latents, drawer, tokens, v0, model.alphas_cumprod(), res, unet_rows,
-                     text_rows, dirs, (draws, batch), dirs_seconds, fingerprint(model, images_dir))
+                     text_rows, dirs, (draws, batch), dirs_seconds,
+                     {} if role == "worker" else fingerprint(model, images_dir))   # workers write no checkpoint
 
 
 def fingerprint(model: ModelDir, images_dir) -> dict:
@@ -143,21 +184,37 @@ def fingerprint(model: ModelDir, images_dir) -> dict:
             "images": h.hexdigest()[:16]}
 
 
-def losses(run: Objective, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
-           sample: np.ndarray) -> np.ndarray:
-    """(P,) float64 MSE of every pass: text encoder then UNet, batched or one by one."""
-    P = emb.shape[0]
+def encode_text(run: Objective, emb: np.ndarray) -> np.ndarray:
+    """(P, 77, d) token embeddings -> (P, 77, d) hidden states, text_rows per call (a worker makes the same calls)."""
     tr = run.text_rows
-    hidden = np.concatenate([run.text.encode_embeds(emb[i:i + tr]) for i in range(0, P, tr)])  # (P, 77, d)
+    return np.concatenate([run.text.encode_embeds(emb[i:i + tr]) for i in range(0, len(emb), tr)])
+
+
+def unet_losses(run: Objective, hidden: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
+                sample: np.ndarray, calls: Sequence[int] | None = None) -> np.ndarray:
+    """float64 MSE of UNet calls `calls` (call c: rows c*unet_rows ...; None: every call of the step).
+
+    Each call's MSE is taken on that call's output alone, so a worker running some of the calls gets the
+    very floats that one process running all of them gets."""
+    rows = run.unet_rows
+    calls = range(-(-len(hidden) // rows)) if calls is None else calls
     ts = np.array(t, np.float32)
     if run.unet.inputs["timestep"].shape:                  # a (B,) timestep input instead of a scalar
-        ts = np.full(run.unet_rows, t, np.float32)
+        ts = np.full(rows, t, np.float32)
     sample[:] = x_t                                          # (rows, C, h, w), same x_t for every pass
-    out = np.concatenate([run.unet.run({"sample": sample, "timestep": ts,
-                                        "encoder_hidden_states": hidden[i:i + run.unet_rows]})[0]
-                          for i in range(0, P, run.unet_rows)])           # (P, C, h, w)
-    diff = out.astype(np.float32) - target
-    return np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64)
+    out = [np.zeros(0)]
+    for c in calls:
+        pred = run.unet.run({"sample": sample, "timestep": ts,
+                             "encoder_hidden_states": hidden[c * rows:(c + 1) * rows]})[0]     # (rows, C, h, w)
+        diff = pred.astype(np.float32) - target
+        out.append(np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64))
+    return np.concatenate(out)
+
+
+def losses(run: Objective, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
+           sample: np.ndarray, calls: Sequence[int] | None = None) -> np.ndarray:
+    """(P,) float64 MSE of every pass (or of UNet calls `calls` only): text encoder on all P, then the UNet."""
+    return unet_losses(run, encode_text(run, emb), x_t, t, target, sample, calls)
 
 
 def draw(run: Objective, rng: np.random.Generator):
@@ -182,26 +239,41 @@ def validation_rng(seed: int, i: int) -> np.random.Generator:
     return np.random.default_rng([seed, i, VALIDATION_STREAM])
 
 
-def eval_loss(run: Objective, vectors: np.ndarray, rngs) -> float:
-    """Mean base loss of (k, d) vectors over the draws of `rngs` (fresh generators: same draws for any vectors)."""
+def eval_losses(run: Objective, vectors: np.ndarray, rngs) -> list[float]:
+    """Base loss of (k, d) vectors on each draw of `rngs` (fresh generators: same draws for any vectors)."""
     emb = np.empty((1, run.text.tokenizer.max_length, vectors.shape[1]), np.float32)
     sample = np.empty((run.unet_rows, *run.latents.mean.shape[2:]), np.float32)
-    total, count = 0.0, 0
+    out = []
     for rng in rngs:
         _, base, rows, t, x_t, target = draw(run, rng)
         emb[:] = base
         for j, r in enumerate(rows):
             emb[:, r] = vectors[j]
-        total += float(np.mean([losses(run, emb[[0] * run.unet_rows], x_t, t, target, sample)]))
-        count += 1
-    return total / count
+        out.append(float(np.mean([losses(run, emb[[0] * run.unet_rows], x_t, t, target, sample)])))
+    return out
+
+
+def mean_in_order(values: Sequence[float]) -> float:
+    """Their mean, summed left to right: the same float wherever each value was computed."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total / len(values)
+
+
+def eval_loss(run: Objective, vectors: np.ndarray, rngs) -> float:
+    """Mean base loss of (k, d) vectors over the draws of `rngs`."""
+    return mean_in_order(eval_losses(run, vectors, rngs))
+
+
+def validation_losses(run: Objective, vectors: np.ndarray, draws: Sequence[int]) -> list[float]:
+    """Base losses of (k, d) vectors on draws `draws` (of 1 ... cfg.val_draws) of the fixed validation set."""
+    return eval_losses(run, vectors, (validation_rng(run.cfg.seed, i) for i in draws))
 
 
 def validation_loss(run: Objective, vectors: np.ndarray) -> float:
     """eval_loss over the run's fixed validation set (cfg.val_draws draws from cfg.seed)."""
-    return eval_loss(run, vectors, (validation_rng(run.cfg.seed, i) for i in range(1, run.cfg.val_draws + 1)))
-
-
+    return mean_in_order(validation_losses(run, vectors, range(1, run.cfg.val_draws + 1)))
 
 
 @dataclass
@@ -220,12 +292,44 @@ class Buffers:
                    np.empty((run.unet_rows, C, h, w), np.float32))
 
 
-def point_losses(run: Objective, points: np.ndarray, drawn: tuple, buf: Buffers) -> np.ndarray:
-    """(P,) losses of (P, k d) points on one step's draws: each point's vectors in the placeholder rows."""
+def point_losses(run: Objective, points: np.ndarray, drawn: tuple, buf: Buffers,
+                 calls: Sequence[int] | None = None) -> np.ndarray:
+    """(P,) losses of (P, k d) points on one step's draws: each point's vectors in the placeholder rows.
+
+    calls: only these UNet calls (a worker's share; the text encoder still encodes all P points)."""
     _, base, rows, t, x_t, target = drawn
     P, (k, d) = len(points), run.v0.shape
     emb = buf.emb[:P]
     emb[:] = base
     for j, r in enumerate(rows):
         emb[:, r] = points.reshape(P, k, d)[:, j, None]
-    return losses(run, emb, x_t, t, target, buf.sample)
+    return losses(run, emb, x_t, t, target, buf.sample, calls)
+
+
+class Evaluator(Protocol):
+    """Where a run is opened and its losses computed: here (`Local`) or on workers (zoodip.cluster)."""
+
+    def open(self, model_dir, images_dir, out: Path, cfg: TrainConfig) -> Objective:
+        """The run's Objective (a driver's may leave the UNet to its workers)."""
+
+    def losses(self, run: Objective, step: int, points: np.ndarray, drawn: tuple, buf: Buffers) -> np.ndarray:
+        """(P,) losses of step `step`'s (P, D) query points; drawn = draw(run, zo.step_rng(seed, step))."""
+
+    def validation_loss(self, run: Objective, vectors: np.ndarray) -> float:
+        """validation_loss(run, vectors), wherever it is computed."""
+
+
+@dataclass
+class Local:
+    """Every pass in this process (zoodip train). sessions: keep the model open across runs (train-many)."""
+
+    sessions: Sessions | None = None
+
+    def open(self, model_dir, images_dir, out: Path, cfg: TrainConfig) -> Objective:
+        return open_objective(model_dir, images_dir, out, cfg, sessions=self.sessions)
+
+    def losses(self, run: Objective, step: int, points: np.ndarray, drawn: tuple, buf: Buffers) -> np.ndarray:
+        return point_losses(run, points, drawn, buf)
+
+    def validation_loss(self, run: Objective, vectors: np.ndarray) -> float:
+        return validation_loss(run, vectors)

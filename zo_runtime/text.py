@@ -11,11 +11,13 @@ from .tokenizer import ClipTokenizer
 class TextEncoder:
     """Tokenizer + memory-mapped token table + text-encoder session; learned tokens get ids >= vocab."""
 
-    def __init__(self, model: ModelDir, provider: str = "cpu", provider_options: dict | None = None):
+    def __init__(self, model: ModelDir, provider: str = "cpu", provider_options: dict | None = None,
+                 session: OnnxModel | None = None):
+        """session: the text encoder already open (objective.Sessions), else it is opened here."""
         m = model.manifest
         self.tokenizer = ClipTokenizer(model.tokenizer_dir, pad_token=m["pad_token"], max_length=int(m["max_length"]))
         self.table = model.token_table()              # (V, d) mmap, never copied
-        self.session = OnnxModel(model.onnx("text_encoder"), provider, provider_options)
+        self.session = session or OnnxModel(model.onnx("text_encoder"), provider, provider_options)
         self.dim = self.table.shape[1]
         self.learned: dict[int, np.ndarray] = {}      # id -> (d,) float32
 

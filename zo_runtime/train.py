@@ -4,6 +4,8 @@
 evaluate the n+1 query points (objective.py), update v with the ZO core (zo.py), log, checkpoint.
 Around it: a plan printed after the first timed steps (plan.py), an optional time budget, and
 optional early stopping on a fixed validation set (early_stop.py). Outputs are written atomically.
+Where the passes run is the evaluator's business (objective.Evaluator): this process by default, Ray
+workers under zoodip.cluster; the loop and its state stay here either way.
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ def _write_config(out: Path, run: obj.Objective, images_dir, plan: pl.Plan | Non
         "images_used": run.latents.names, "tokens": run.tokens, "resolution": run.resolution,
         "scheme": run.model.manifest.get("scheme"), "prediction_type": run.model.manifest["prediction_type"],
         "passes_per_step": cfg.zo.passes, "unet_calls_per_step": math.ceil(cfg.zo.passes / run.unet_rows),
-        "provider": run.unet.provider, "plan": plan.as_dict() if plan else None,
+        "provider": (run.unet or run.text.session).provider, "plan": plan.as_dict() if plan else None,
         "versions": {"zoodip": zoodip_version, "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
                      "python": platform.python_version()},
     })
@@ -136,7 +138,7 @@ def _sample(out: Path, run: obj.Objective, step: int) -> None:
              out / "samples" / f"step_{step:06d}", gcfg)
 
 
-def _step(run: obj.Objective, state: zo.ZOState, buf: obj.Buffers, first: int) -> dict:
+def _step(run: obj.Objective, ev: obj.Evaluator, state: zo.ZOState, buf: obj.Buffers, first: int) -> dict:
     """One ZO step on state (in place); returns its log row. first: this process's first step."""
     cfg, (k, d) = run.cfg, run.v0.shape
     step = state.step + 1
@@ -146,7 +148,7 @@ def _step(run: obj.Objective, state: zo.ZOState, buf: obj.Buffers, first: int) -
     drawn = obj.draw(run, zo.step_rng(cfg.seed, step))         # 1-3. image, prompt, t, noise: shared by all passes
     zo.query_points(state.v, cfg.seed, step, cfg.zo, run.dirs, out=buf.points)
     t1 = time.perf_counter()
-    losses = obj.point_losses(run, buf.points, drawn, buf)     # 4-5. losses at v and v + mu z_i
+    losses = ev.losses(run, step, buf.points, drawn, buf)      # 4-5. losses at v and v + mu z_i
     t_session = time.perf_counter() - t1
     if not np.isfinite(losses).all():
         raise FloatingPointError(
@@ -159,9 +161,9 @@ def _step(run: obj.Objective, state: zo.ZOState, buf: obj.Buffers, first: int) -
             "projected_dims": projected, "session_seconds": round(t_session, 6)}
 
 
-def _validate(run: obj.Objective, state: zo.ZOState, tracker: Tracker) -> dict:
+def _validate(run: obj.Objective, ev: obj.Evaluator, state: zo.ZOState, tracker: Tracker) -> dict:
     """Validation loss of the current vector; the tracker keeps the best. Returns the log fields."""
-    loss = obj.validation_loss(run, state.v.reshape(run.v0.shape))
+    loss = ev.validation_loss(run, state.v.reshape(run.v0.shape))
     best = tracker.update(state.step, loss, state.v)
     return {"val_loss": loss, "val_best": best}
 
@@ -181,11 +183,15 @@ def _plan(run: obj.Objective, timing: list, steps: int, done: int, budget: float
     return plan
 
 
-def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cfg: TrainConfig) -> Path:
-    """Learn cfg.token on the images; returns OUT/learned_embeds.safetensors."""
+def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cfg: TrainConfig,
+          evaluator: obj.Evaluator | None = None) -> Path:
+    """Learn cfg.token on the images; returns OUT/learned_embeds.safetensors.
+
+    evaluator: where the passes run (None: here, objective.Local())."""
     started, out, fit_budget = time.perf_counter(), Path(out_dir), cfg.steps is None
     out.mkdir(parents=True, exist_ok=True)
-    run = obj.open_objective(model_dir, images_dir, out, cfg)
+    ev = evaluator or obj.Local()
+    run = ev.open(model_dir, images_dir, out, cfg)
     cfg = run.cfg
     state, tracker = _start(out, cfg, run.v0, run.fingerprint)
     budget = pl.parse_duration(cfg.time_budget) if cfg.time_budget else None
@@ -194,13 +200,13 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
     bar = tqdm(total=steps, initial=state.step, desc=f"train {cfg.token}", unit="step", disable=not cfg.progress)
     with open(out / "log.jsonl", "a", encoding="utf-8") as log:
         if cfg.early_stop and state.step == 0:                 # the start is a candidate too
-            log.write(json.dumps({"step": 0, **_validate(run, state, tracker)}) + "\n")
+            log.write(json.dumps({"step": 0, **_validate(run, ev, state, tracker)}) + "\n")
         while state.step < steps and stop is None:
             t0 = time.perf_counter()
-            row = _step(run, state, buf, first)
+            row = _step(run, ev, state, buf, first)
             timing.append((time.perf_counter() - t0, row["session_seconds"]))
             if cfg.early_stop and (state.step % cfg.val_every == 0 or state.step == steps):
-                row.update(_validate(run, state, tracker))
+                row.update(_validate(run, ev, state, tracker))
                 stop = "early stop" if tracker.stop(cfg.patience) else None
             log.write(json.dumps({**row, "seconds": round(timing[-1][0], 6)}) + "\n")
             log.flush()

@@ -9,6 +9,7 @@ from zo_runtime.train_config import TrainConfig
 
 from ._common import friendly_errors
 from ._options import build_config, config_options, settings_epilog
+from .cluster import address_option, no_extra, workers_option
 
 SCHEMES = ("w8a8", "w8", "w4", "fp16", "none")   # export.quantize.SCHEMES + none (kept here: --help imports no torch)
 
@@ -23,13 +24,33 @@ def _io_options(fn):
 @click.argument("model", type=click.Path(path_type=Path))
 @_io_options
 @config_options(TrainConfig)
+@address_option
+@workers_option("for a step's passes, ZOODIP_THREADS threads each (default 1) [default: n + 1, as CPUs allow]")
 @friendly_errors
-def train(model, images, out, sets, **kw):
+def train(model, images, out, sets, address, workers, **kw):
     """Learn a token for the subject in --images on MODEL (an exported or quantized zoodip folder)."""
-    from zo_runtime.train import train as run
+    cfg = build_config(TrainConfig, kw, sets)
+    if address is None and workers is None:
+        from zo_runtime.train import train as run
 
-    path = run(model, images, out, build_config(TrainConfig, kw, sets))
+        path = run(model, images, out, cfg)
+    else:
+        path = _on_cluster(model, images, out, cfg, address, workers)
     click.echo(f"learned embedding: {path}")
+
+
+def _on_cluster(model, images, out, cfg: TrainConfig, address: str | None, workers: int | None) -> Path:
+    """The same run with its passes on Ray workers (zoodip.cluster.queries)."""
+    import os
+
+    from zoodip.cluster import ClusterConfig
+    from zoodip.cluster.queries import train as run
+
+    cluster = ClusterConfig(address=address, workers=workers, threads=int(os.environ.get("ZOODIP_THREADS") or 1))
+    try:
+        return run(model, images, out, cfg, cluster)
+    except ModuleNotFoundError as err:
+        raise no_extra(err) from None
 
 
 @click.command(epilog=settings_epilog(TrainConfig))
