@@ -11,7 +11,7 @@ STEPS=${STEPS:-3000}
 INIT=$(python -m models.toyworld.concept "$OUT/images" --index "${CONCEPT:-0}")
 echo "concept: $(tr -d '\n ' < "$OUT/images/concept.json")"
 zoodip personalize models/toyworld/pipeline --images "$OUT/images" --token sks --init "$INIT" \
-    --out "$OUT" --steps "$STEPS" --lr "${LR:-2e-2}" --save-every 250 \
+    --out "$OUT" --steps "$STEPS" --lr "${LR:-2e-2}" --set save_every=250 \
     ${ZO_FLAGS---directions jacobian}
 echo "training photos: $OUT/images/   learned token: $OUT/learned_embeds.safetensors"
 echo "samples ('a photo of sks'): $OUT/samples/grid.png   log: $OUT/log.jsonl"

@@ -108,7 +108,7 @@ def test_train_and_generate_run_and_match_cpu_provider(model, tmp_path):
     for name, extra in (("cpu", ("--provider", "cpu")), ("ov", ("--provider", "openvino", *OV_OPTIONS))):
         out = tmp_path / name
         _zoodip("train", str(model), "--images", str(photos), "--token", "sks", "--init", "dog", "--out", str(out),
-                "--steps", "6", "--latent", "mean", "--save-every", "0", "--seed", "0", *extra)
+                "--steps", "6", "--set", "latent=mean", "--set", "save_every=0", "--seed", "0", *extra)
         rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
         _zoodip("generate", str(model), "--embeds", str(out / "learned_embeds.safetensors"), "--prompt",
                 "a photo of sks", "--out", str(out / "img"), "-n", "1", "--steps", "4", "--seed", "0", *extra)

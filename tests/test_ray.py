@@ -125,7 +125,7 @@ def test_two_workers_equal_one_process_bit_for_bit(tiny_exported, photos, tmp_pa
     sets = [x for k, v in PARALLEL.items() if k not in ("steps", "save_every", "directions", "early_stop")
             for x in ("--set", f"{k}={v}")]
     res = CliRunner().invoke(main, ["train", str(tiny_exported), "--images", str(photos), "--out", str(tmp_path),
-                                    "--token", "sks", "--init", "dog", "--steps", "40", "--save-every", "10",
+                                    "--token", "sks", "--init", "dog", "--steps", "40", "--set", "save_every=10",
                                     "--directions", "jacobian", "--early-stop", "--schedule", "paper",
                                     "--workers", "2", "--set", "tau=4", "--set", "progress=false", *sets])
     assert res.exit_code == 0, res.output

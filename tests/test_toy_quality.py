@@ -152,5 +152,6 @@ def test_early_stop_study_arithmetic():
 def test_ti_variants_count_their_passes(monkeypatch):
     from bench.toy import method as toy_method
 
-    assert toy_method.TI_METHODS["ti_b4"][0] == {"batch": 4} and toy_method.label("ti_b4") == "backprop TI, batch 4"
+    assert toy_method.TI_METHODS["ti_b4"][0] == {"batch": 4, "steps": 1500}
+    assert toy_method.label("ti_b4") == "backprop TI, batch 4, 1,500 steps"
     assert "backprop_ti" in toy_method.METHODS and not toy_method.is_zo("ti_b4")

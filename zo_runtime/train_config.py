@@ -40,7 +40,6 @@ class TrainConfig:
                                       "stop when it has not improved for `patience` checks [default: the "
                                       "schedule's].", cli=True)
     resolution: int | None = setting(None, "Training resolution in px [default: the model's native].", cli=True)
-    num_vectors: int = setting(1, "Vectors per token (sks, sks_1, ...); the reference trains one.", cli=True)
     templates: str = setting("object", "Prompt templates (diffusers' textual inversion lists); style for styles.",
                              cli=True, choices=tuple(prompts.TEMPLATES))
     captions: str | None = setting(None, "Per-image captions: JSON {image: caption} or `image<TAB>caption` "
@@ -50,11 +49,12 @@ class TrainConfig:
     provider_options: tuple[tuple[str, str], ...] = setting(
         (), "Provider option KEY=VALUE, repeatable (e.g. device_type=CPU for openvino).", cli=True, metavar="KEY=VALUE",
         flag="--provider-option")
-    save_every: int = setting(500, "Checkpoint period in steps (reference save_steps); 0: only at the end.", cli=True)
     resume: bool = setting(False, "Continue from OUT/checkpoint.npz.", cli=True)
     force: bool = setting(False, "Replace results in OUT that another run wrote (nothing is replaced "
                           "without it).", cli=True)
-    # Method settings (--set NAME=VALUE).
+    # Method and run settings (--set NAME=VALUE).
+    num_vectors: int = setting(1, "Vectors per token (sks, sks_1, ...); the reference trains one.")
+    save_every: int = setting(500, "Checkpoint period in steps (reference save_steps); 0: only at the end.")
     queries: int = setting(2, "n: perturbations per step, n + 1 forward passes; best CLIP-I per pass in the paper.")
     mu: float | None = setting(None, "Perturbation size [default: what the model's quantization was validated "
                                "at, else the family's: SD 1.x 1e-3, SD 2.x / SDXL 1e-2].")
@@ -106,7 +106,7 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if min(self.save_every, self.sample_every, self.patience, self.warmup_steps) < 0:
-            raise ValueError("--save-every, sample_every, patience and warmup_steps must be >= 0")
+            raise ValueError("save_every, sample_every, patience and warmup_steps must be >= 0")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
         if not self.token.strip() or " " in self.token:

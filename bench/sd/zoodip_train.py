@@ -85,7 +85,9 @@ def run(model_dir: str | Path, images_dir: str | Path, out_dir: Path, steps: int
     timer = RunTimer()
     timer.install()
     manifest = ModelDir.open(model_dir).manifest
-    cfg, ignored = _train_config(TrainConfig, steps=steps, **options)
+    # The paper's schedule unless asked otherwise: its steps make only the step's own session calls (the
+    # Jacobian directions of the fast schedule add text-encoder calls between steps), so calls group by step.
+    cfg, ignored = _train_config(TrainConfig, steps=steps, **{"schedule": "paper", **options})
     with common.RssSampler() as rss:
         rss.mark("start")
         t0 = time.perf_counter()
