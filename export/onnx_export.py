@@ -1,7 +1,9 @@
-"""Export a diffusers SD 1.x/2.x model to zoodip's ONNX folder (layout: zo_runtime/model_dir.py).
+"""Export a diffusers SD 1.x/2.x/SDXL model to zoodip's ONNX folder (layout: zo_runtime/model_dir.py).
 
-UNet and VAE go through Optimum's ONNX configs (the same graphs `optimum-cli export onnx` writes); the text
-encoder is custom: token embeddings in, so textual inversion can feed learned rows without torch.
+SD 1.x/2.x: UNet and VAE go through Optimum's ONNX configs (the same graphs `optimum-cli export onnx` writes);
+the text encoder is custom: token embeddings in, so textual inversion can feed learned rows without torch.
+SDXL (export/sdxl.py): both text encoders embeds-in, the UNet with text_embeds/time_ids, weights streamed so
+the 2.6B-parameter UNet is held once; the VAE as above.
 """
 from __future__ import annotations
 
@@ -123,12 +125,16 @@ def _export_folder(folder: Path, out: Path, cfg: ExportConfig, source: str) -> P
     return out
 
 
-
-
 def _export_all(folder: Path, dst: Path, configs: dict, cfg: ExportConfig) -> dict:
     """One submodel at a time, each freed before the next (peak memory: the UNet and its graph)."""
-    steps = [("text_encoder", _export_text), ("unet", _export_unet), ("vae", _export_vae),
-             ("tokenizer", _copy_tokenizer)]
+    xl = configs["family"] == "sdxl"
+    if xl:
+        from . import sdxl
+        steps = [("text_encoder", sdxl.export_text), ("text_encoder_2", sdxl.export_text_2),
+                 ("unet", sdxl.export_unet), ("vae", _export_vae), ("tokenizer", sdxl.copy_tokenizers)]
+    else:
+        steps = [("text_encoder", _export_text), ("unet", _export_unet), ("vae", _export_vae),
+                 ("tokenizer", _copy_tokenizer)]
     facts = {}
     with tqdm(steps, desc="export", unit="part") as bar:
         for name, step in bar:
@@ -136,6 +142,8 @@ def _export_all(folder: Path, dst: Path, configs: dict, cfg: ExportConfig) -> di
             facts.update(step(folder, dst, cfg) or {})
             gc.collect()
     facts.update(_model_facts(configs, facts))
+    if xl:
+        facts.update(sdxl.model_facts(configs))
     sched_dir = dst / "scheduler"
     sched_dir.mkdir()
     shutil.copy2(folder / "scheduler" / "scheduler_config.json", sched_dir / "scheduler_config.json")
@@ -220,7 +228,7 @@ def _model_facts(configs: dict, facts: dict) -> dict:
     unet, vae, text, sched = configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"]
     vae_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
     return {
-        "family": src.family(text),
+        "family": configs["family"],
         "max_length": min(int(text.get("max_position_embeddings", 77)), facts.pop("tokenizer_max_length")),
         "latent_channels": int(vae.get("latent_channels", 4)),
         "vae_scale_factor": vae_factor,
