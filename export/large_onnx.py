@@ -43,16 +43,17 @@ class MatMulLinear(nn.Module):
 
 
 def pretranspose_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear in place by MatMulLinear (one transposed copy alive at a time); returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, MatMulLinear(child))
-                del child
-                count += 1
+    """Replace every nn.Linear in place by MatMulLinear; returns how many.
+
+    Only (parent, name) pairs are listed up front: a list of the modules themselves would keep every old
+    weight alive until the end (SDXL-half UNet: 4.86 GiB peak instead of 2.8).
+    """
+    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear]
+    for parent, name in slots:
+        setattr(parent, name, MatMulLinear(getattr(parent, name)))   # the old Linear is freed here
     gc.collect()
-    return count
+    return len(slots)
 
 
 def export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
@@ -69,7 +70,8 @@ def export(module: nn.Module, args: tuple, path: Path, input_names: list[str], o
 def consolidate_external_data(path: Path) -> bool:
     """Move every external tensor of path (any files, offsets) into path's folder/model.onnx_data, streaming.
 
-    Returns False when the model has no external data (nothing to do). Source files are removed afterwards.
+    Returns False when the model has no external data (nothing to do). Each source file is removed once its
+    tensors are copied, so the disk holds the weights once plus one file.
     """
     model = onnx.load(str(path), load_external_data=False)
     external = [t for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -77,12 +79,14 @@ def consolidate_external_data(path: Path) -> bool:
         return False
     folder = path.parent
     tmp = folder / (DATA_NAME + ".tmp")
-    sources = set()
+    refs: dict[Path, int] = {}   # tensors still to copy out of each source file
+    for t in external:
+        src = folder / next(e.value for e in t.external_data if e.key == "location")
+        refs[src] = refs.get(src, 0) + 1
     with open(tmp, "wb") as out:
         for t in external:
             info = {e.key: e.value for e in t.external_data}
             src = folder / info["location"]
-            sources.add(src)
             with open(src, "rb") as f:
                 f.seek(int(info.get("offset", 0)))
                 data = f.read(int(info["length"])) if "length" in info else f.read()
@@ -92,8 +96,9 @@ def consolidate_external_data(path: Path) -> bool:
             del t.external_data[:]
             for key, value in (("location", DATA_NAME), ("offset", str(start)), ("length", str(len(data)))):
                 t.external_data.add(key=key, value=value)
-    for src in sources:
-        src.unlink()
+            refs[src] -= 1
+            if not refs[src]:
+                src.unlink()   # copied out: disk holds the weights about once, not twice
     os.replace(tmp, folder / DATA_NAME)
     onnx.save(model, str(path))   # graph only: its tensors now point into model.onnx_data
     return True

@@ -129,9 +129,12 @@ def _export_all(folder: Path, dst: Path, configs: dict, cfg: ExportConfig) -> di
     """One submodel at a time, each freed before the next (peak memory: the UNet and its graph)."""
     xl = configs["family"] == "sdxl"
     if xl:
+        from zo_runtime.session import fix_malloc_mmap_threshold
         from . import sdxl
+        fix_malloc_mmap_threshold()   # every freed multi-MB weight goes back to the OS, not to a fragmented heap
         steps = [("text_encoder", sdxl.export_text), ("text_encoder_2", sdxl.export_text_2),
-                 ("unet", sdxl.export_unet), ("vae", _export_vae), ("tokenizer", sdxl.copy_tokenizers)]
+                 ("unet", sdxl.export_unet), ("vae", lambda *a: _export_vae(*a, trace_px=sdxl.VAE_TRACE_PX)),
+                 ("tokenizer", sdxl.copy_tokenizers)]
     else:
         steps = [("text_encoder", _export_text), ("unet", _export_unet), ("vae", _export_vae),
                  ("tokenizer", _copy_tokenizer)]
@@ -191,12 +194,18 @@ def _export_unet(folder: Path, dst: Path, cfg: ExportConfig) -> None:
     del unet
 
 
-def _export_vae(folder: Path, dst: Path, cfg: ExportConfig) -> None:
-    """Encoder -> latent_parameters (mean, logvar); decoder latent_sample -> sample (Optimum's VAE split)."""
+def _export_vae(folder: Path, dst: Path, cfg: ExportConfig, trace_px: int | None = None) -> None:
+    """Encoder -> latent_parameters (mean, logvar); decoder latent_sample -> sample (Optimum's VAE split).
+
+    trace_px: image size of the encoder's dummy input (Optimum takes the config's sample_size: SDXL's 1024 px
+    costs ~3 GB of activations to trace, the graph is the same at any size); None keeps sample_size.
+    """
     from diffusers import AutoencoderKL
     from optimum.exporters.onnx.convert import export
     from optimum.exporters.onnx.model_configs import VaeDecoderOnnxConfig, VaeEncoderOnnxConfig
     vae = _load(AutoencoderKL, folder, "vae")
+    if trace_px:
+        vae.register_to_config(sample_size=trace_px)
     _set_attention(vae, cfg.attention)
     opset = cfg.opset
     vae.config.export_model_type = "vae-encoder"
