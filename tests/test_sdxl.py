@@ -368,3 +368,24 @@ def test_micro_conditioning_is_refused_for_sd_models(tiny_exported):
     with pytest.raises(ValueError, match="SDXL micro-conditioning"):
         Generator(tiny_exported, provider="cpu").sample("a dog", GenerateConfig(
             n=1, steps=1, original_size=(64, 64), progress=False))
+
+
+def test_sdxl_generation_runs_where_torch_cannot_be_imported(xl_exported, tmp_path):
+    import subprocess
+    import sys
+    model = ModelDir.open(xl_exported)
+    embeds = save_learned_embeds(tmp_path / "e.safetensors", TOKEN, _vectors(model), split=(32, 48))
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, *args):
+        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'optimum'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+from zo_runtime.generate import GenerateConfig, generate
+generate({str(xl_exported)!r}, [{str(embeds)!r}], {PROMPT!r}, {str(tmp_path / 'o')!r},
+         GenerateConfig(n=1, steps=2, scheduler='euler', provider='cpu', progress=False))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "000.png").is_file()
