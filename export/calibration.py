@@ -21,7 +21,7 @@ from tqdm import tqdm
 from zo_runtime.image_io import load_rgb
 from zo_runtime.model_dir import ModelDir
 from zo_runtime.session import OnnxModel
-from zo_runtime.text import TextEncoder
+from zo_runtime.text import TextEncoder, pool_index
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Where `zoodip quantize` looks when --calib-images is not given (outside any repository, so it works for
@@ -66,16 +66,30 @@ def list_images(folder: str | Path) -> list[Path]:
 
 @dataclass
 class RealInputs:
-    """Real inputs of one split; shapes for N prompts, M photos."""
+    """Real inputs of one split; shapes for N prompts, M photos (D = d, or d1 + d2 for SDXL)."""
 
     prompts: list[str]
     token_embeds: np.ndarray   # (N, 77, d) text-encoder inputs, placeholder row = class word
-    cond: np.ndarray           # (N, 77, d) fp32 text-encoder outputs
-    uncond: np.ndarray         # (1, 77, d) fp32 text-encoder output of the empty prompt
+    cond: np.ndarray           # (N, 77, D) fp32 text-encoder outputs (SDXL: both encoders' hidden_states[-2])
+    uncond: np.ndarray         # (1, 77, D) fp32 text-encoder output of the empty prompt
     images: np.ndarray         # (M, 3, H, W) in [-1, 1]
     latents: np.ndarray        # (M, C, h, w) scaled VAE latents x0 (mean * scaling_factor)
     scaling_factor: float
-    class_vector: np.ndarray   # (d,) initial placeholder row (mean of the class word's token rows)
+    class_vector: np.ndarray   # (D,) initial placeholder row(s) (mean of the class word's token rows, per encoder)
+    # SDXL only (None otherwise): the second encoder's inputs and pooled outputs, and the UNet's time ids.
+    token_embeds_2: np.ndarray | None = None   # (N, 77, d2)
+    pool_index: np.ndarray | None = None       # (N,) int64 where encoder 2 pools
+    pooled: np.ndarray | None = None           # (N, p) text_embeds
+    uncond_pooled: np.ndarray | None = None    # (1, p)
+    time_ids: np.ndarray | None = None         # (1, 6): original = target = the resolution, no crop
+
+    def text_inputs(self, i: int | None) -> dict[str, np.ndarray]:
+        """The UNet's text inputs (batch 1) for prompt i, or for the empty prompt (i None)."""
+        out = {"encoder_hidden_states": self.uncond if i is None else self.cond[i][None]}
+        if self.pooled is not None:
+            out["text_embeds"] = self.uncond_pooled if i is None else self.pooled[i][None]
+            out["time_ids"] = self.time_ids
+        return out
 
 
 def _prompts(prompt_file: Path | None, seed: int) -> list[tuple[str, str]]:
@@ -89,6 +103,47 @@ def _prompts(prompt_file: Path | None, seed: int) -> list[tuple[str, str]]:
     return [pairs[i] for i in rng.permutation(len(pairs))]
 
 
+def _class_vector(text: TextEncoder, word: str) -> np.ndarray:
+    """(d,) mean of the word's token rows (no BOS/EOS/padding)."""
+    ids = text.tokenizer(word)[0]
+    rows = [i for i in ids if i not in (text.tokenizer.bos_id, text.tokenizer.eos_id, text.tokenizer.pad_id)]
+    return np.asarray(text.table[rows], np.float32).mean(0)
+
+
+def _encode(text: TextEncoder, embeds: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
+    """Every output of one encoder over (N, 77, d) embeds, 8 prompts per run."""
+    outs = [text.run(embeds[i:i + 8], ids[i:i + 8]) for i in range(0, len(embeds), 8)]
+    return [np.concatenate(parts) for parts in zip(*outs)]
+
+
+def _text_inputs(model: ModelDir, pairs: list[tuple[str, str]]) -> dict:
+    """Token embeddings and fp32 outputs of every text encoder for the prompts and for "" (RealInputs fields)."""
+    # One placeholder per class word would need many tokens; re-point the single row per prompt instead.
+    encoders = [TextEncoder(model, sub=sub) for sub in model.text_encoders]
+    for text in encoders:
+        text.add_tokens([PLACEHOLDER], np.zeros((1, text.dim), np.float32))
+    pid = encoders[0].tokenizer.token_id(PLACEHOLDER)
+    embeds, ids, vectors = [[] for _ in encoders], [[] for _ in encoders], {}
+    for prompt, word in pairs:
+        vectors.setdefault(word, [_class_vector(text, word) for text in encoders])
+        for k, text in enumerate(encoders):
+            text.set_vectors([pid], vectors[word][k][None])
+            ids[k].append(text.tokenizer([prompt])[0])
+            embeds[k].append(text.token_embeds(ids[k][-1][None])[0])
+    embeds, ids = [np.stack(e) for e in embeds], [np.stack(i) for i in ids]           # (N, 77, d_i), (N, 77)
+    outs = [_encode(text, e, i) for text, e, i in zip(encoders, embeds, ids)]
+    empty = [text.tokenizer([""]) for text in encoders]
+    blank = [text.run(text.token_embeds(i), i) for text, i in zip(encoders, empty)]
+    first = CLASS_WORDS[0] if CLASS_WORDS[0] in vectors else next(iter(vectors))
+    out = {"token_embeds": embeds[0], "cond": np.concatenate([o[0] for o in outs], axis=-1),
+           "uncond": np.concatenate([b[0] for b in blank], axis=-1),
+           "class_vector": np.concatenate(vectors[first])}
+    if model.is_xl:
+        out.update(token_embeds_2=embeds[1], pooled=outs[1][1], uncond_pooled=blank[1][1],
+                   pool_index=pool_index(ids[1], *encoders[1].pool_rule))
+    return out
+
+
 def real_inputs(model: ModelDir, images: list[Path], resolution: int, n_prompts: int, held_out: bool,
                 prompt_file: Path | None = None, seed: int = 0) -> RealInputs:
     """Encode real prompts and photos with the fp32 model; held_out picks the disjoint gate split."""
@@ -98,21 +153,7 @@ def real_inputs(model: ModelDir, images: list[Path], resolution: int, n_prompts:
     # Every 3rd photo is held out (at least one), so gates see photos calibration did not.
     held = set(range(0, len(images), 3))
     chosen = [p for i, p in enumerate(images) if (i in held) == held_out]
-    text = TextEncoder(model)
-    # One placeholder per class word would need many tokens; re-point the single row per prompt instead.
-    text.add_tokens([PLACEHOLDER], np.zeros((1, text.dim), np.float32))
-    pid = text.tokenizer.token_id(PLACEHOLDER)
-    embeds, vectors = [], {}
-    for prompt, word in pairs:
-        if word not in vectors:
-            ids = text.tokenizer(word)[0]
-            rows = [i for i in ids if i not in (text.tokenizer.bos_id, text.tokenizer.eos_id, text.tokenizer.pad_id)]
-            vectors[word] = np.asarray(text.table[rows], np.float32).mean(0)
-        text.set_vectors([pid], vectors[word][None])
-        embeds.append(text.token_embeds(text.tokenizer([prompt]))[0])
-    embeds = np.stack(embeds)                                                        # (N, 77, d)
-    cond = np.concatenate([text.encode_embeds(embeds[i:i + 8]) for i in range(0, len(embeds), 8)])
-    uncond = text.encode_embeds(text.token_embeds(text.tokenizer([""])))
+    text = _text_inputs(model, pairs)
     pixels = np.stack([load_rgb(p, resolution) for p in chosen]).astype(np.float32)  # (M, H, W, 3)
     pixels = pixels.transpose(0, 3, 1, 2) / 127.5 - 1.0                               # (M, 3, H, W) in [-1, 1]
     vae = OnnxModel(model.onnx("vae_encoder"))
@@ -120,13 +161,15 @@ def real_inputs(model: ModelDir, images: list[Path], resolution: int, n_prompts:
     sf = float(model.manifest["scaling_factor"])
     latents = np.concatenate([vae.run({vae.session.get_inputs()[0].name: pixels[i:i + 1]})[0][:, :C]
                               for i in range(len(pixels))]) * sf                       # mean of the posterior
-    return RealInputs([p for p, _ in pairs], embeds, cond, uncond, pixels, latents.astype(np.float32), sf,
-                      vectors[CLASS_WORDS[0]] if CLASS_WORDS[0] in vectors else next(iter(vectors.values())))
+    if model.is_xl:   # SDXL micro-conditioning of square, uncropped photos at this resolution
+        text["time_ids"] = np.array([[resolution, resolution, 0, 0, resolution, resolution]], np.float32)
+    return RealInputs([p for p, _ in pairs], images=pixels, latents=latents.astype(np.float32), scaling_factor=sf,
+                      **text)
 
 
 def unet_samples(inputs: RealInputs, alphas_cumprod: np.ndarray, n: int, seed: int,
-                 t_range: tuple[int, int] = (0, 1000)) -> Iterator[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
-    """n (x_t (1,C,h,w), t, cond (1,77,d), eps) with t stratified over t_range; every other one unconditional."""
+                 t_range: tuple[int, int] = (0, 1000)) -> Iterator[tuple[np.ndarray, int, dict, np.ndarray]]:
+    """n (x_t (1,C,h,w), t, text inputs (batch 1), eps), t stratified over t_range; every other one unconditional."""
     rng = np.random.default_rng(seed)
     lo, hi = t_range
     edges = np.linspace(lo, hi, n + 1)
@@ -136,20 +179,26 @@ def unet_samples(inputs: RealInputs, alphas_cumprod: np.ndarray, n: int, seed: i
         eps = rng.standard_normal(x0.shape).astype(np.float32)
         a = alphas_cumprod[t]
         x_t = (np.sqrt(a) * x0 + np.sqrt(1 - a) * eps).astype(np.float32)
-        cond = inputs.uncond if i % 2 else inputs.cond[(i // 2) % len(inputs.cond)][None]
+        cond = inputs.text_inputs(None if i % 2 else (i // 2) % len(inputs.cond))
         yield x_t, t, cond, eps
 
 
-def unet_feeds(session_inputs, x_t: np.ndarray, t: int, cond: np.ndarray) -> dict[str, np.ndarray]:
-    """UNet feed dict in the graph's declared names/dtypes; timestep shaped to its declared rank."""
+def unet_feeds(session_inputs, x_t: np.ndarray, t: int, cond) -> dict[str, np.ndarray]:
+    """UNet feed dict in the graph's declared names/dtypes; timestep shaped to its declared rank.
+
+    cond: (B, 77, D) encoder_hidden_states, or a dict of text inputs by name (SDXL: + text_embeds, time_ids).
+    """
+    cond = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
     names = [i.name for i in session_inputs]
-    ts = next(i for i in session_inputs if "time" in i.name)
+    ts = next(i for i in session_inputs if "time" in i.name and i.name not in cond)
     tdtype = np.int64 if "int64" in ts.type else (np.float16 if "float16" in ts.type else np.float32)
     tval = np.full((x_t.shape[0],) * len(ts.shape), t, dtype=tdtype)
     sample = next(n for n in names if n == "sample" or "sample" in n)
-    ehs = next(n for n in names if "encoder" in n)
-    cond = np.broadcast_to(cond, (x_t.shape[0],) + cond.shape[1:])
-    return {sample: x_t, ts.name: tval, ehs: np.ascontiguousarray(cond)}
+    feeds = {sample: x_t, ts.name: tval}
+    for key, value in cond.items():
+        name = key if key in names else next(n for n in names if "encoder" in n)
+        feeds[name] = np.ascontiguousarray(np.broadcast_to(value, (x_t.shape[0],) + value.shape[1:]))
+    return feeds
 
 
 def calibration_feeds(sub: str, inputs: RealInputs, alphas_cumprod: np.ndarray, n: int, seed: int,
@@ -158,6 +207,10 @@ def calibration_feeds(sub: str, inputs: RealInputs, alphas_cumprod: np.ndarray, 
     first = session_inputs[0].name
     if sub == "text_encoder":
         return [{first: inputs.token_embeds[i % len(inputs.token_embeds)][None]} for i in range(n)]
+    if sub == "text_encoder_2":
+        N = len(inputs.token_embeds_2)
+        return [{"inputs_embeds": inputs.token_embeds_2[i % N][None], "pool_index": inputs.pool_index[i % N][None]}
+                for i in range(n)]
     if sub == "vae_encoder":
         return [{first: inputs.images[i % len(inputs.images)][None]} for i in range(n)]
     if sub == "vae_decoder":

@@ -1,6 +1,7 @@
 """Fidelity gates after quantization, on held-out real inputs: outputs, conditioning, ZO finite differences."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ from tqdm import tqdm
 
 from zo_runtime.session import OnnxModel
 
-from .calibration import RealInputs, unet_feeds, unet_samples
+from .calibration import PLACEHOLDER, TI_TEMPLATES, RealInputs, unet_feeds, unet_samples
 
 # 1. Output fidelity. Cosine 0.98 ~ an 11 degree angle between fp32 and quantized outputs: beyond it the
 #    denoising trajectory drifts visibly within a few steps. PSNR 20 dB = RMS error at 10% of the output range
@@ -43,9 +44,14 @@ def psnr_db(ref: np.ndarray, test: np.ndarray) -> float:
 
 def run_one(model: OnnxModel, feed: dict[str, np.ndarray], batch: int | None) -> np.ndarray:
     """Run a batch-1 feed; a static-batch model gets it repeated to its batch and row 0 back."""
+    return run_all(model, feed, batch)[0]
+
+
+def run_all(model: OnnxModel, feed: dict[str, np.ndarray], batch: int | None) -> list[np.ndarray]:
+    """run_one, every output (row 0 of each)."""
     if batch and batch > 1:
         feed = {k: (np.repeat(v, batch, axis=0) if v.ndim and v.shape[0] == 1 else v) for k, v in feed.items()}
-    return model.run(feed)[0][:1]
+    return [out[:1] for out in model.run(feed)]
 
 
 def output_fidelity(ref_path: Path, q_path: Path, feeds: list[dict], batch: int | None, desc: str) -> dict:
@@ -68,28 +74,55 @@ def conditioning_fidelity(ref_path: Path, q_path: Path, inputs: RealInputs, alph
         ins = m.session.get_inputs()
         d = []
         for i, (x_t, t, _, _) in enumerate(tqdm(samples, desc="gate cond", leave=False)):
-            cond = inputs.cond[i % len(inputs.cond)][None]                    # (1, 77, d)
-            d.append(run_one(m, unet_feeds(ins, x_t, t, cond), b) - run_one(m, unet_feeds(ins, x_t, t, inputs.uncond), b))
+            cond = inputs.text_inputs(i % len(inputs.cond))                   # (1, 77, D) [+ SDXL pooled, ids]
+            uncond = inputs.text_inputs(None)
+            d.append(run_one(m, unet_feeds(ins, x_t, t, cond), b) - run_one(m, unet_feeds(ins, x_t, t, uncond), b))
         diffs.append(d)                                                       # n x (1, C, h, w)
         del m
     cosines = [cosine(a, b) for a, b in zip(*diffs)]
     return {"cond_cosine": float(np.mean(cosines)), "cond_cosine_min": float(np.min(cosines))}
 
 
+@dataclass(frozen=True)
+class TIPrompt:
+    """The ZO gate's prompt ('a photo of a sks'): token embeddings per text encoder, the placeholder at `slot`."""
+
+    embeds: tuple[np.ndarray, ...]          # (1, 77, d_i) per text encoder (SDXL: two)
+    slot: int                               # placeholder position; v (sum d_i,) = its rows, [clip_l | clip_g]
+    pool_index: np.ndarray | None = None    # (1,) int64: SDXL encoder 2's pooling position
+    time_ids: np.ndarray | None = None      # (1, 6): SDXL micro-conditioning
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(e.shape[-1] for e in self.embeds)
+
+
 class DiffusionLoss:
     """L(v) = mean((eps_theta(x_t, t, TE(embeds with v at the placeholder)) - eps)^2) on fixed samples."""
 
-    def __init__(self, te_path: Path, unet_path: Path, batch: int | None, base_embeds: np.ndarray, slot: int,
+    def __init__(self, te_paths: tuple[Path, ...], unet_path: Path, batch: int | None, prompt: TIPrompt,
                  samples: list):
-        self.te, self.unet = OnnxModel(te_path), OnnxModel(unet_path)
-        self.base, self.slot, self.samples, self.batch = base_embeds, slot, samples, batch  # base (1, 77, d)
+        self.tes, self.unet = [OnnxModel(p) for p in te_paths], OnnxModel(unet_path)
+        self.prompt, self.samples, self.batch = prompt, samples, batch
+
+    def text_inputs(self, v: np.ndarray) -> dict[str, np.ndarray]:
+        """v split across the encoders -> the UNet's text inputs (batch 1)."""
+        p = self.prompt
+        outs = []
+        for te, base, part in zip(self.tes, p.embeds, np.split(v, np.cumsum(p.dims)[:-1])):
+            e = base.copy()
+            e[0, p.slot] = part
+            feed = {"inputs_embeds": e, **({"pool_index": p.pool_index} if "pool_index" in te.inputs else {})}
+            outs.append(run_all(te, feed, self.batch))
+        cond = {"encoder_hidden_states": np.concatenate([o[0] for o in outs], axis=-1)}    # (1, 77, D)
+        if p.time_ids is not None:
+            cond.update(text_embeds=outs[-1][1], time_ids=p.time_ids)                       # (1, p), (1, 6)
+        return cond
 
     def __call__(self, v: np.ndarray, k: int) -> float:
-        e = self.base.copy()
-        e[0, self.slot] = v
-        cond = run_one(self.te, {"inputs_embeds": e}, self.batch)            # (1, 77, d)
         x_t, t, _, eps = self.samples[k % len(self.samples)]
-        pred = run_one(self.unet, unet_feeds(self.unet.session.get_inputs(), x_t, t, cond), self.batch)
+        feeds = unet_feeds(self.unet.session.get_inputs(), x_t, t, self.text_inputs(v))
+        pred = run_one(self.unet, feeds, self.batch)
         return float(np.mean((pred.astype(np.float64) - eps) ** 2))
 
 
@@ -105,11 +138,12 @@ def finite_differences(loss: DiffusionLoss, v: np.ndarray, z: np.ndarray, mus, b
     return out
 
 
-def zo_fidelity(ref: tuple, q: tuple, base_embeds: np.ndarray, slot: int, samples: list, v: np.ndarray,
+def zo_fidelity(ref: tuple, q: tuple, prompt: TIPrompt, samples: list, v: np.ndarray,
                 mus: tuple[float, ...], directions: int, seed: int) -> dict:
     """Gate 3: corr over unit directions z of (L(v+mu z)-L(v))/mu, fp32 vs quantized, for each mu.
 
-    ref, q: (text-encoder path, UNet path, static batch or None); one pipeline is loaded at a time.
+    ref, q: (text-encoder paths, UNet path, static batch or None); one pipeline is loaded at a time.
+    v: (D,) the placeholder's vector (SDXL: both encoders' rows, perturbed together as one ZO vector).
     """
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((directions, v.size))
@@ -117,7 +151,7 @@ def zo_fidelity(ref: tuple, q: tuple, base_embeds: np.ndarray, slot: int, sample
     bar = tqdm(total=2 * (len(samples) + len(mus) * directions), desc="gate zo", unit="pass", leave=False)
     fds = []
     for te, unet, batch in (ref, q):
-        loss = DiffusionLoss(te, unet, batch, base_embeds, slot, samples)
+        loss = DiffusionLoss(te, unet, batch, prompt, samples)
         fds.append(finite_differences(loss, v, z, mus, bar))
         del loss
     bar.close()
@@ -130,6 +164,27 @@ def zo_fidelity(ref: tuple, q: tuple, base_embeds: np.ndarray, slot: int, sample
     return out
 
 
+def ti_prompt(model, time_ids: np.ndarray | None) -> TIPrompt:
+    """'a photo of a sks' for every text encoder of `model` (a ModelDir), the placeholder a new token.
+
+    Token tables and tokenizers only: no text-encoder session is opened (SDXL's bigG is 2.8 GB in fp32).
+    """
+    from zo_runtime.text import pool_index
+    from zo_runtime.tokenizer import ClipTokenizer
+    embeds, slot, pooled_at = [], 0, None
+    for sub in model.text_encoders:
+        folder, pad = model.tokenizer_of(sub)
+        tok = ClipTokenizer(folder, pad_token=pad, max_length=int(model.manifest["max_length"]))
+        slot_id = tok.add_tokens([PLACEHOLDER])[0]
+        ids = tok([TI_TEMPLATES[0].format(PLACEHOLDER)])                     # (1, 77)
+        table = model.token_table(sub)
+        embeds.append(np.asarray(table[np.minimum(ids, len(table) - 1)], np.float32))   # (1, 77, d_i)
+        slot = int((ids[0] == slot_id).nonzero()[0][0])
+        if sub == "text_encoder_2":
+            pooled_at = pool_index(ids, model.manifest["pool_rule"], int(model.manifest["eos_token_id_2"]))
+    return TIPrompt(tuple(embeds), slot, pooled_at, time_ids if model.is_xl else None)
+
+
 def zo_samples(inputs: RealInputs, alphas: np.ndarray, seed: int) -> list:
     return list(unet_samples(inputs, alphas, ZO_SAMPLES, seed, t_range=ZO_T_RANGE))
 
@@ -137,7 +192,7 @@ def zo_samples(inputs: RealInputs, alphas: np.ndarray, seed: int) -> list:
 def failures(gates: dict) -> list[str]:
     """Human-readable list of missed gates (empty when all hold); VAE misses are handled by keeping it float."""
     bad = []
-    for sub in ("text_encoder", "unet"):
+    for sub in ("text_encoder", "text_encoder_2", "unet"):
         g = gates.get(sub)
         if g and g["cosine"] < OUTPUT_COSINE_MIN:
             bad.append(f"{sub} output cosine {g['cosine']:.4f} < {OUTPUT_COSINE_MIN}")

@@ -1,7 +1,9 @@
-"""Export a diffusers SD 1.x/2.x model to zoodip's ONNX folder (layout: zo_runtime/model_dir.py).
+"""Export a diffusers SD 1.x/2.x/SDXL model to zoodip's ONNX folder (layout: zo_runtime/model_dir.py).
 
-UNet and VAE go through Optimum's ONNX configs (the same graphs `optimum-cli export onnx` writes); the text
-encoder is custom: token embeddings in, so textual inversion can feed learned rows without torch.
+SD 1.x/2.x: UNet and VAE go through Optimum's ONNX configs (the same graphs `optimum-cli export onnx` writes);
+the text encoder is custom: token embeddings in, so textual inversion can feed learned rows without torch.
+SDXL (export/sdxl.py): both text encoders embeds-in, the UNet with text_embeds/time_ids, weights streamed so
+the 2.6B-parameter UNet is held once; the VAE as above.
 """
 from __future__ import annotations
 
@@ -123,12 +125,19 @@ def _export_folder(folder: Path, out: Path, cfg: ExportConfig, source: str) -> P
     return out
 
 
-
-
 def _export_all(folder: Path, dst: Path, configs: dict, cfg: ExportConfig) -> dict:
     """One submodel at a time, each freed before the next (peak memory: the UNet and its graph)."""
-    steps = [("text_encoder", _export_text), ("unet", _export_unet), ("vae", _export_vae),
-             ("tokenizer", _copy_tokenizer)]
+    xl = configs["family"] == "sdxl"
+    if xl:
+        from zo_runtime.session import fix_malloc_mmap_threshold
+        from . import sdxl
+        fix_malloc_mmap_threshold()   # every freed multi-MB weight goes back to the OS, not to a fragmented heap
+        steps = [("text_encoder", sdxl.export_text), ("text_encoder_2", sdxl.export_text_2),
+                 ("unet", sdxl.export_unet), ("vae", lambda *a: _export_vae(*a, trace_px=sdxl.VAE_TRACE_PX)),
+                 ("tokenizer", sdxl.copy_tokenizers)]
+    else:
+        steps = [("text_encoder", _export_text), ("unet", _export_unet), ("vae", _export_vae),
+                 ("tokenizer", _copy_tokenizer)]
     facts = {}
     with tqdm(steps, desc="export", unit="part") as bar:
         for name, step in bar:
@@ -136,6 +145,8 @@ def _export_all(folder: Path, dst: Path, configs: dict, cfg: ExportConfig) -> di
             facts.update(step(folder, dst, cfg) or {})
             gc.collect()
     facts.update(_model_facts(configs, facts))
+    if xl:
+        facts.update(sdxl.model_facts(configs))
     sched_dir = dst / "scheduler"
     sched_dir.mkdir()
     shutil.copy2(folder / "scheduler" / "scheduler_config.json", sched_dir / "scheduler_config.json")
@@ -183,12 +194,18 @@ def _export_unet(folder: Path, dst: Path, cfg: ExportConfig) -> None:
     del unet
 
 
-def _export_vae(folder: Path, dst: Path, cfg: ExportConfig) -> None:
-    """Encoder -> latent_parameters (mean, logvar); decoder latent_sample -> sample (Optimum's VAE split)."""
+def _export_vae(folder: Path, dst: Path, cfg: ExportConfig, trace_px: int | None = None) -> None:
+    """Encoder -> latent_parameters (mean, logvar); decoder latent_sample -> sample (Optimum's VAE split).
+
+    trace_px: image size of the encoder's dummy input (Optimum takes the config's sample_size: SDXL's 1024 px
+    costs ~3 GB of activations to trace, the graph is the same at any size); None keeps sample_size.
+    """
     from diffusers import AutoencoderKL
     from optimum.exporters.onnx.convert import export
     from optimum.exporters.onnx.model_configs import VaeDecoderOnnxConfig, VaeEncoderOnnxConfig
     vae = _load(AutoencoderKL, folder, "vae")
+    if trace_px:
+        vae.register_to_config(sample_size=trace_px)
     _set_attention(vae, cfg.attention)
     opset = cfg.opset
     vae.config.export_model_type = "vae-encoder"
@@ -220,7 +237,7 @@ def _model_facts(configs: dict, facts: dict) -> dict:
     unet, vae, text, sched = configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"]
     vae_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
     return {
-        "family": src.family(text),
+        "family": configs["family"],
         "max_length": min(int(text.get("max_position_embeddings", 77)), facts.pop("tokenizer_max_length")),
         "latent_channels": int(vae.get("latent_channels", 4)),
         "vae_scale_factor": vae_factor,

@@ -29,7 +29,7 @@ import onnx
 from tqdm import tqdm
 
 from zo_runtime.io_utils import atomic_write_json
-from zo_runtime.model_dir import MANIFEST, SUBMODELS, ModelDir
+from zo_runtime.model_dir import MANIFEST, ModelDir
 
 from . import calibration as cal
 from ._fs import swap_in, umask_modes
@@ -135,7 +135,7 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
     batch = cfg.static_batch if cfg.static else None
     gates: dict = {}
     stats: dict = {}
-    for sub in tqdm(SUBMODELS, desc=f"quantize {cfg.scheme}", unit="submodel"):
+    for sub in tqdm(src.submodels, desc=f"quantize {cfg.scheme}", unit="submodel"):
         start = time.perf_counter()
         gates[sub] = _submodel_with_gate(sub, src, tmp, cfg, (calib, held), alphas, shapes)
         _release_memory()
@@ -162,8 +162,9 @@ def _submodel_with_gate(sub: str, src: ModelDir, tmp: Path, cfg: QuantizeConfig,
     dst = tmp / sub / "model.onnx"
     batch = shapes["batch"] if shapes else None
     # VAE inputs are the photos themselves: repeating one adds nothing to MinMax, so one pass per photo.
-    n = {"text_encoder": cfg.text_samples, "unet": cfg.calib_samples}.get(sub, len(calib.images))
-    n_held = cfg.gate_samples if sub in ("text_encoder", "unet") else len(held.images)
+    n = {"text_encoder": cfg.text_samples, "text_encoder_2": cfg.text_samples,
+         "unet": cfg.calib_samples}.get(sub, len(calib.images))
+    n_held = cfg.gate_samples if sub not in VAES else len(held.images)
     ins = _inputs(src.onnx(sub))
     _quantize_submodel(sub, src.onnx(sub), dst, cfg,
                        lambda: cal.calibration_feeds(sub, calib, alphas, n, cfg.seed, ins))
@@ -182,18 +183,12 @@ def _submodel_with_gate(sub: str, src: ModelDir, tmp: Path, cfg: QuantizeConfig,
 
 
 def _zo_gate(src: ModelDir, tmp: Path, held: cal.RealInputs, alphas, cfg: QuantizeConfig, batch) -> dict:
-    """Gate 3 on the prompt 'a photo of a sks' with the placeholder row at the class word's embedding."""
-    from zo_runtime.text import TextEncoder
-    text = TextEncoder(src)
-    slot_id = text.tokenizer.add_tokens([cal.PLACEHOLDER])[0]
-    ids = text.tokenizer([cal.TI_TEMPLATES[0].format(cal.PLACEHOLDER)])       # (1, 77)
-    base = text.token_embeds(ids)                                             # (1, 77, d)
-    slot = int((ids[0] == slot_id).nonzero()[0][0])
-    del text
+    """Gate 3 on the prompt 'a photo of a sks' with the placeholder row(s) at the class word's embedding."""
+    prompt = gt.ti_prompt(src, held.time_ids)
     samples = gt.zo_samples(held, alphas, cfg.seed + 3)
-    ref = (src.onnx("text_encoder"), src.onnx("unet"), None)
-    q = (tmp / "text_encoder" / "model.onnx", tmp / "unet" / "model.onnx", batch)
-    return gt.zo_fidelity(ref, q, base, slot, samples, held.class_vector, cfg.zo_mus, cfg.zo_directions, cfg.seed + 4)
+    ref = (tuple(src.onnx(s) for s in src.text_encoders), src.onnx("unet"), None)
+    q = (tuple(tmp / s / "model.onnx" for s in src.text_encoders), tmp / "unet" / "model.onnx", batch)
+    return gt.zo_fidelity(ref, q, prompt, samples, held.class_vector, cfg.zo_mus, cfg.zo_directions, cfg.seed + 4)
 
 
 def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feeds) -> None:
@@ -214,7 +209,7 @@ def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feed
     elif cfg.scheme in ("w8", "w4"):
         # w4 keeps the text encoder at 8 bits: it is ~12% of SD 1.5's weights but carries the learned token,
         # and 4 bits missed gate 1 there (cosine 0.970 on the SD 1.5 replica, 0.983 on the tiny model).
-        bits, block = (8, W8_BLOCK) if cfg.scheme == "w8" or sub == "text_encoder" else (4, cfg.block_size)
+        bits, block = (8, W8_BLOCK) if cfg.scheme == "w8" or sub.startswith("text_encoder") else (4, cfg.block_size)
         model = wo.nbits_matmul(model, bits, block, cfg.matmul_accuracy_level)
         wo.int8_weight_only(model, ("Conv", "Gemm"))   # convolutions and 2-D Gemms: INT8 (MatMulNBits is MatMul only)
     else:
@@ -263,10 +258,17 @@ def _qdq_qnn(src: Path, dst: Path, calibrate) -> None:
 def static_input_shapes(sub: str, src: ModelDir, shapes: dict) -> dict[str, list[int]]:
     """Fixed input and output shapes of one submodel: batch, 77 tokens, fixed pixels and latents."""
     B, H, W = shapes["batch"], shapes["height"], shapes["width"]
-    f, C, d, T = (int(src.manifest[k]) for k in ("vae_scale_factor", "latent_channels", "embedding_dim", "max_length"))
+    m = src.manifest
+    f, C, d, T = (int(m[k]) for k in ("vae_scale_factor", "latent_channels", "embedding_dim", "max_length"))
     latent = [B, C, H // f, W // f]
-    return {"text_encoder": {"inputs_embeds": [B, T, d], "last_hidden_state": [B, T, d]},
-            "unet": {"sample": latent, "encoder_hidden_states": [B, T, d], "out_sample": latent},
+    unet = {"sample": latent, "encoder_hidden_states": [B, T, sum(src.dims)], "out_sample": latent}
+    te2 = {}
+    if src.is_xl:   # the second encoder's width and pooled projection, the UNet's added conditioning
+        d2, p = int(m["embedding_dim_2"]), int(m["pooled_dim"])
+        te2 = {"inputs_embeds": [B, T, d2], "pool_index": [B], "last_hidden_state": [B, T, d2], "text_embeds": [B, p]}
+        unet.update(text_embeds=[B, p], time_ids=[B, len(m["time_ids"])])
+    return {"text_encoder": {"inputs_embeds": [B, T, d], "last_hidden_state": [B, T, d]}, "text_encoder_2": te2,
+            "unet": unet,
             "vae_encoder": {"sample": [B, 3, H, W], "latent_parameters": [B, 2 * C, H // f, W // f]},
             "vae_decoder": {"latent_sample": latent, "sample": [B, 3, H, W]}}[sub]
 
@@ -340,7 +342,7 @@ def _copy_support_files(src: ModelDir, dst: Path) -> None:
     """Tokenizer, scheduler, token table and anything else that is not a submodel graph or its weights."""
     for f in sorted(src.root.rglob("*")):
         rel = f.relative_to(src.root)
-        if not f.is_file() or f.name == MANIFEST or (rel.parts[0] in SUBMODELS and f.name.startswith("model.onnx")):
+        if not f.is_file() or f.name == MANIFEST or (rel.parts[0] in src.submodels and f.name.startswith("model.onnx")):
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dst / rel)

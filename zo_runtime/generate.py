@@ -2,6 +2,9 @@
 
 `Generator` opens the sessions once and is reused by `zoodip generate`, training samples and evaluation;
 `generate()` is the stage function: prompt in, a folder of PNGs (with metadata) and a grid out.
+SDXL as diffusers' StableDiffusionXLPipeline: both encoders' penultimate states concatenated, encoder 2's pooled
+text_embeds, micro-conditioning time ids (original size, crop top-left, target size), and all-zero
+unconditional inputs for an empty negative prompt (force_zeros_for_empty_prompt).
 """
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ from .embeds import load_learned_embeds, vector_names
 from .model_dir import ModelDir
 from .schedulers import NAMES, NoiseSchedule, make_scheduler
 from .session import OnnxModel
-from .text import TextEncoder
+from .text import SdxlTextEncoder, TextEncoder
+
+# SDXL's time ids in the order its UNet reads them (the manifest's `time_ids` must say the same).
+TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,12 @@ class GenerateConfig:
     provider: str = "auto"        # execution provider short name (see `zoodip providers`)
     provider_options: tuple[tuple[str, str], ...] = ()   # (key, value) pairs; a tuple keeps the config frozen
     progress: bool = True         # tqdm bar over denoising steps
+    # SDXL micro-conditioning (other models refuse them): the size the model is told the source photo had, the
+    # crop it is told was taken, and the size it aims for. None: the output size; (0, 0): uncropped, as
+    # diffusers defaults (a nonzero crop asks for off-centre, cut-off subjects).
+    original_size: tuple[int, int] | None = None   # (height, width) px
+    crop_top_left: tuple[int, int] = (0, 0)        # (top, left) px
+    target_size: tuple[int, int] | None = None     # (height, width) px
 
     def __post_init__(self):
         if self.n < 1:
@@ -48,6 +60,9 @@ class GenerateConfig:
         for side in (self.height, self.width):
             if side is not None and (side < 8 or side % 8):
                 raise ValueError(f"--height/--width must be positive multiples of 8, got {side}")
+        for size in (self.original_size, self.target_size, self.crop_top_left):
+            if size is not None and (len(size) != 2 or min(size) < 0):
+                raise ValueError(f"SDXL sizes and crops are two non-negative numbers (height, width), got {size}")
 
 
 def _batch_dim(model: OnnxModel, name: str) -> int | None:
@@ -82,8 +97,11 @@ class Generator:
                  provider_options: dict | None = None, text_encoder: TextEncoder | None = None):
         self.model = model_dir if isinstance(model_dir, ModelDir) else ModelDir.open(model_dir)
         m = self.model.manifest
+        self.xl = self.model.is_xl
+        if self.xl and tuple(m["time_ids"]) != TIME_IDS:
+            raise ValueError(f"{self.model.root}: time ids {m['time_ids']} are not SDXL's {TIME_IDS}; re-export it")
         # A trainer passes its own TextEncoder so samples see its current vectors without a second session.
-        self.text = text_encoder or TextEncoder(self.model, provider, provider_options)
+        self.text = text_encoder or (SdxlTextEncoder if self.xl else TextEncoder)(self.model, provider, provider_options)
         self.unet = OnnxModel(self.model.onnx("unet"), provider, provider_options)
         self.vae = OnnxModel(self.model.onnx("vae_decoder"), provider, provider_options)
         self.schedule = NoiseSchedule.from_model(self.model)
@@ -98,7 +116,8 @@ class Generator:
 
     def add_embeds(self, path: str | Path, token: str | None = None) -> str:
         """Load a learned-embeds file and splice its rows in; returns the token to use in prompts."""
-        name, vectors = load_learned_embeds(path, dim=self.text.dim, token=token)
+        name, vectors = load_learned_embeds(path, dim=self.text.dim, token=token,
+                                            split=self.text.dims if self.xl else None)
         if name in self.expand:
             raise ValueError(f"{path}: token {name!r} was already loaded from another --embeds file; "
                              "each file needs its own token")
@@ -141,9 +160,24 @@ class Generator:
         return h, w
 
     def encode(self, prompts: list[str]) -> np.ndarray:
-        """Prompts -> (B, 77, d) conditioning, in chunks of the text encoder's static batch if it has one."""
-        embeds = self.text.token_embeds(self.text.tokenizer([self.prompt_text(p) for p in prompts]))
-        return _run_batched(self.text.session, "inputs_embeds", embeds)
+        """Prompts -> (B, 77, d) encoder_hidden_states (SDXL: d1 + d2)."""
+        return self.conditioning(prompts)["encoder_hidden_states"]
+
+    def conditioning(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Prompts -> the UNet's text inputs: encoder_hidden_states (B, 77, d) [, SDXL text_embeds (B, p)],
+        in chunks of the text encoder's static batch if it has one."""
+        texts = [self.prompt_text(p) for p in prompts]
+        if self.xl:
+            rows = _batch_dim(self.text.encoders[0].session, "inputs_embeds")
+            hidden, pooled = self.text(texts, rows)
+            return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+        embeds = self.text.token_embeds(self.text.tokenizer(texts))
+        return {"encoder_hidden_states": _run_batched(self.text.session, "inputs_embeds", embeds)}
+
+    def time_ids(self, height: int, width: int, cfg: GenerateConfig, batch: int) -> np.ndarray:
+        """(batch, 6) SDXL time ids for an image of height x width px (TIME_IDS order), as diffusers builds them."""
+        row = [*(cfg.original_size or (height, width)), *cfg.crop_top_left, *(cfg.target_size or (height, width))]
+        return np.tile(np.asarray(row, np.float32), (batch, 1))
 
     def _timestep(self, t: float, batch: int) -> np.ndarray:
         """The UNet's timestep input: a scalar, or one value per batch row, as the graph declares it."""
@@ -156,20 +190,27 @@ class Generator:
         """Rows per UNet call: the static batch, else the whole guidance batch in ONE call."""
         return _batch_dim(self.unet, "sample") or batch
 
-    def denoise(self, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None, cfg: GenerateConfig,
+    def denoise(self, latents: np.ndarray, cond, uncond, cfg: GenerateConfig,
                 rngs: list[np.random.Generator]) -> np.ndarray:
-        """(n, C, h, w) unit-normal latents -> (n, C, h, w) clean latents; uncond None = no guidance."""
+        """(n, C, h, w) unit-normal latents -> (n, C, h, w) clean latents; uncond None = no guidance.
+
+        cond, uncond: (n, 77, d) encoder_hidden_states, or `conditioning()` dicts (SDXL: with text_embeds).
+        """
         sched = make_scheduler(cfg.scheduler, self.schedule, cfg.steps)
         x = latents * np.float32(sched.init_noise_sigma)
         n = len(x)
-        text = cond if uncond is None else np.concatenate([uncond, cond])          # (2n, 77, d): [uncond; cond]
-        rows = self.unet_rows(len(text))
+        cond = _as_inputs(cond)
+        # [uncond; cond] on the batch axis: (2n, 77, d), (2n, p)
+        text = cond if uncond is None else {k: np.concatenate([_as_inputs(uncond)[k], v]) for k, v in cond.items()}
+        if self.xl:
+            h, w = (side * self.vae_factor for side in x.shape[-2:])
+            text["time_ids"] = self.time_ids(h, w, cfg, 2 * n if uncond is not None else n)   # (2n, 6)
+        rows = self.unet_rows(len(text["encoder_hidden_states"]))
         for i, t in enumerate(tqdm(sched.timesteps, desc="denoise", unit="step", disable=not cfg.progress,
                                    leave=False)):
             inp = sched.scale_model_input(x, i)
             inp = inp if uncond is None else np.concatenate([inp, inp])           # (2n, C, h, w)
-            out = _run_batched(self.unet, "sample", inp, {"encoder_hidden_states": text}, rows=rows,
-                               fixed={"timestep": self._timestep(t, rows)})
+            out = _run_batched(self.unet, "sample", inp, text, rows=rows, fixed={"timestep": self._timestep(t, rows)})
             if uncond is not None:
                 out = out[:n] + np.float32(cfg.guidance) * (out[n:] - out[:n])   # CFG
             noise = None
@@ -191,16 +232,33 @@ class Generator:
             latents = np.stack([r.standard_normal(shape, dtype=np.float32) for r in rngs])
         elif latents.shape != (cfg.n, *shape):
             raise ValueError(f"latents must have shape {(cfg.n, *shape)}, got {latents.shape}")
+        if not self.xl and (cfg.original_size or cfg.target_size or tuple(cfg.crop_top_left) != (0, 0)):
+            raise ValueError("original size, crop and target size are SDXL micro-conditioning; this model is "
+                             f"{self.model.family}: drop them")
         guided = cfg.guidance > 1.0       # diffusers skips the unconditional pass at guidance <= 1
-        prompts = [prompt] * cfg.n + ([cfg.negative] * cfg.n if guided else [])
-        text = self.encode(prompts)                                                # (n or 2n, 77, d)
-        cond, uncond = text[:cfg.n], (text[cfg.n:] if guided else None)
+        # SDXL base: an empty negative prompt is all-zero conditioning, not the encoded "" (diffusers' default).
+        zeros = guided and not cfg.negative and bool(self.model.manifest.get("force_zeros_for_empty_prompt"))
+        prompts = [prompt] * cfg.n + ([cfg.negative] * cfg.n if guided and not zeros else [])
+        text = self.conditioning(prompts)                                          # (n or 2n, 77, d) ...
+        cond = {k: v[:cfg.n] for k, v in text.items()}
+        uncond = None
+        if guided:
+            uncond = {k: (np.zeros_like(v) if zeros else text[k][cfg.n:]) for k, v in cond.items()}
         return self.decode(self.denoise(np.asarray(latents, np.float32), cond, uncond, cfg, rngs))
 
     def metadata(self, prompt: str, cfg: GenerateConfig, index: int) -> dict:
-        return {"prompt": prompt, "negative": cfg.negative, "seed": cfg.seed + index, "steps": cfg.steps,
+        meta = {"prompt": prompt, "negative": cfg.negative, "seed": cfg.seed + index, "steps": cfg.steps,
                 "scheduler": cfg.scheduler, "guidance": cfg.guidance, "model": self.model.root.name,
                 "scheme": str(self.model.manifest.get("scheme")), "embeds": self.embeds, "software": "zoodip"}
+        if self.xl:   # None: the output size
+            meta.update(original_size=cfg.original_size, crop_top_left=list(cfg.crop_top_left),
+                        target_size=cfg.target_size)
+        return meta
+
+
+def _as_inputs(text) -> dict[str, np.ndarray]:
+    """UNet text inputs as a dict: a bare (n, 77, d) array is encoder_hidden_states (SD 1.x/2.x)."""
+    return dict(text) if isinstance(text, dict) else {"encoder_hidden_states": text}
 
 
 def write_images(gen: Generator, images: np.ndarray, prompt: str, cfg: GenerateConfig, out_dir: Path) -> Path:

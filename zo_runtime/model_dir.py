@@ -10,6 +10,21 @@ Layout (written by `zoodip export`, kept by `zoodip quantize`):
     vae_decoder/model.onnx        latent_sample (B, C, h, w) -> sample (B, 3, H, W)
     tokenizer/                    vocab.json, merges.txt (+ files transformers writes)
     scheduler/scheduler_config.json
+
+SDXL (manifest family "sdxl") adds a second text encoder and changes what the first one returns:
+    text_encoder/model.onnx       inputs_embeds (B, 77, d1) -> last_hidden_state (B, 77, d1): hidden_states[-2],
+                                  the penultimate layer's output (no final LayerNorm), which SDXL conditions on
+    text_encoder_2/model.onnx     inputs_embeds (B, 77, d2), pool_index (B,) int64 -> last_hidden_state
+                                  (B, 77, d2) = hidden_states[-2], text_embeds (B, p) = the projection of the
+                                  final-LayerNorm state at pool_index; external data (model.onnx_data) if > 2 GB
+    text_encoder_2/token_embeddings.npy   (vocab, d2)
+    tokenizer_2/                  the same CLIP BPE, padded with manifest pad_token_2 ("!")
+    unet/model.onnx               + text_embeds (B, p), time_ids (B, 6) f32 (manifest time_ids names them);
+                                  encoder_hidden_states (B, 77, d1 + d2) = both last_hidden_states concatenated
+pool_index: the position transformers pools at. manifest pool_rule "argmax": argmax of the token ids (configs
+with eos_token_id 2, SDXL base's: the EOS, or a learned token whose id is above it); "first_eos": the first EOS.
+zo_runtime.text.pool_index computes it. The UNet's pooled input is encoder 2's text_embeds; an empty negative
+prompt is all-zero conditioning when force_zeros_for_empty_prompt (SDXL base: true).
 """
 from __future__ import annotations
 
@@ -20,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST = "manifest.json"
-SUBMODELS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+SUBMODELS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")          # SD 1.x / 2.x
+XL_SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 # Keys every manifest carries (export writes them; quantize adds `scheme`, `gates`, `static_shapes`).
 MANIFEST_KEYS = (
     "format", "family", "embedding_dim", "vocab_size", "max_length", "latent_channels",
@@ -28,7 +44,18 @@ MANIFEST_KEYS = (
     "beta_schedule", "beta_start", "beta_end", "native_resolution", "pad_token", "opset",
     "scheme", "versions", "files",
 )
+# Keys an SDXL manifest carries besides MANIFEST_KEYS.
+XL_MANIFEST_KEYS = (
+    "embedding_dim_2", "vocab_size_2", "pad_token_2", "pooled_dim", "pool_rule", "eos_token_id_2",
+    "addition_time_embed_dim", "time_ids", "cross_attention_dim", "force_upcast", "force_zeros_for_empty_prompt",
+)
+POOL_RULES = ("argmax", "first_eos")
 FORMAT = "zoodip-onnx/1"
+
+
+def submodels_for(family: str) -> tuple[str, ...]:
+    """The ONNX graphs a model folder of this family holds (in export order)."""
+    return XL_SUBMODELS if family == "sdxl" else SUBMODELS
 
 
 @dataclass(frozen=True)
@@ -52,10 +79,14 @@ class ModelDir:
             manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{mpath} is corrupt ({err}); re-run `zoodip export --force`") from err
-        missing = [k for k in MANIFEST_KEYS if k not in manifest]
+        keys = MANIFEST_KEYS + (XL_MANIFEST_KEYS if manifest.get("family") == "sdxl" else ())
+        missing = [k for k in keys if k not in manifest]
         if missing or manifest.get("format") != FORMAT:
             raise ValueError(f"{mpath} is not a {FORMAT} manifest (missing {missing}); re-export with this zoodip version")
-        for sub in SUBMODELS:
+        if manifest.get("family") == "sdxl" and manifest["pool_rule"] not in POOL_RULES:
+            raise ValueError(f"{mpath}: pool_rule {manifest['pool_rule']!r} is not one of {POOL_RULES}; "
+                             "re-export with this zoodip version")
+        for sub in submodels_for(manifest["family"]):
             if not (root / sub / "model.onnx").is_file():
                 raise ValueError(f"{root / sub / 'model.onnx'} is missing; re-run `zoodip export --force`")
         return cls(root, manifest)
@@ -64,21 +95,51 @@ class ModelDir:
         return self.root / sub / "model.onnx"
 
     @property
+    def family(self) -> str:
+        return str(self.manifest["family"])
+
+    @property
+    def is_xl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def submodels(self) -> tuple[str, ...]:
+        return submodels_for(self.family)
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """("text_encoder",), or ("text_encoder", "text_encoder_2") for SDXL."""
+        return tuple(s for s in self.submodels if s.startswith("text_encoder"))
+
+    @property
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
 
+    def tokenizer_of(self, sub: str = "text_encoder") -> tuple[Path, str]:
+        """(tokenizer folder, pad token) of one text encoder."""
+        second = sub == "text_encoder_2"
+        return (self.root / ("tokenizer_2" if second else "tokenizer"),
+                str(self.manifest["pad_token_2" if second else "pad_token"]))
+
     @property
     def dim(self) -> int:
+        """Width of the (first) text encoder's token embeddings: 768 SD 1.x and SDXL's CLIP-L, 1024 SD 2.x."""
         return int(self.manifest["embedding_dim"])
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Token-embedding width of each text encoder: (d,), or (d1, d2) for SDXL (768, 1280)."""
+        m = self.manifest
+        return (self.dim, int(m["embedding_dim_2"])) if self.is_xl else (self.dim,)
 
     @property
     def static_shapes(self) -> dict | None:
         """{'batch': int, 'height': px, 'width': px} for static-shape (NPU) models, else None."""
         return self.manifest.get("static_shapes")
 
-    def token_table(self) -> np.ndarray:
-        """(vocab, d) token embeddings, memory-mapped (never copied)."""
-        return np.load(self.root / "text_encoder" / "token_embeddings.npy", mmap_mode="r")
+    def token_table(self, sub: str = "text_encoder") -> np.ndarray:
+        """(vocab, d) token embeddings of one text encoder, memory-mapped (never copied)."""
+        return np.load(self.root / sub / "token_embeddings.npy", mmap_mode="r")
 
     def alphas_cumprod(self) -> np.ndarray:
         """(T,) float64 cumulative alphas of the training noise schedule (SD: scaled_linear)."""
