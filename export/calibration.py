@@ -29,7 +29,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_CALIB_DIR = Path(os.environ.get("ZOODIP_CALIB_IMAGES", Path.home() / ".cache" / "zoodip" / "calibration-images"))
 PLACEHOLDER = "sks"  # the TI placeholder calibration prompts carry; its row starts as the class word
 # Textual-Inversion templates (diffusers' TI script) and the DreamBooth evaluation prompts
-# (../shared/datasets/dreambooth/prompts_and_classes.txt; {0} placeholder, {1} class word).
+# (zo_runtime/assets/dreambooth/prompts_and_classes.txt; {0} placeholder, {1} class word).
 TI_TEMPLATES = ("a photo of a {0}", "a rendering of a {0}", "a cropped photo of the {0}", "the photo of a {0}",
                 "a photo of a clean {0}", "a close-up photo of a {0}", "a bright photo of the {0}",
                 "a good photo of a {0}", "a photo of one {0}", "a rendition of the {0}")

@@ -155,6 +155,14 @@ CASES = [
          foreign_inputs),
     Case("model: token table damaged", lambda e: train(e), r"token_embeddings\.npy.*(damaged|cannot)",
          lambda e: write(e.model / "text_encoder" / "token_embeddings.npy", b"\x93NUMPY garbage")),
+    Case("model: manifest vae_scale_factor 0", lambda e: train(e), r"vae_scale_factor is 0, outside",
+         lambda e: manifest_edit(e, vae_scale_factor=0)),
+    Case("model: manifest num_train_timesteps 10", lambda e: train(e), r"num_train_timesteps is 10, outside",
+         lambda e: manifest_edit(e, num_train_timesteps=10)),
+    Case("model: manifest prediction type", lambda e: train(e), r"prediction_type 'sample' is not",
+         lambda e: manifest_edit(e, prediction_type="sample")),
+    Case("model: manifest scaling factor text", lambda e: train(e), r"scaling_factor is 'big', outside",
+         lambda e: manifest_edit(e, scaling_factor="big")),
     Case("model: tokenizer missing", lambda e: train(e), r"vocab\.json",
          lambda e: (e.model / "tokenizer" / "vocab.json").unlink()),
     # -- option values
@@ -188,7 +196,7 @@ CASES = [
     Case("--init of two tokens", lambda e: train(e)[:7] + ["hot dog"] + train(e)[8:], "must be a single token"),
     Case("--set num_vectors=0", lambda e: train(e, "--set", "num_vectors=0"), "--num-vectors must be >= 1"),
     Case("--set save_every=-1", lambda e: train(e, "--set", "save_every=-1"), "save_every.*must be >= 0"),
-    Case("--provider-option without =", lambda e: train(e, "--provider-option", "oops"), r"KEY=VALUE"),
+    Case("--provider-option without =", lambda e: train(e, "--provider-option", "oops"), r"'oops' must look like key=value"),
     Case("--schedule unknown", lambda e: train(e, "--schedule", "turbo"), "'turbo' is not one of", code=2),
     # -- captions
     Case("captions: missing file", lambda e: train(e, "--captions", str(e.root / "caps.txt")), "caps.txt does not exist"),
@@ -221,6 +229,9 @@ CASES = [
     Case("generate: -n 0", lambda e: generate(e, "-n", "0"), "-n must be >= 1"),
     Case("generate: --steps 0", lambda e: generate(e, "--steps", "0"), "--steps must be >= 1"),
     Case("generate: --guidance -1", lambda e: generate(e, "--guidance", "-1"), "--guidance must be"),
+    Case("generate: --guidance nan", lambda e: generate(e, "--guidance", "nan"), "--guidance must be a finite number"),
+    Case("generate: --height 100000", lambda e: generate(e, "--height", "99992"), r"--height 99992 is over 2x"),
+    Case("generate: --set original_size=1", lambda e: generate(e, "--set", "original_size=1"), "2 comma-separated", code=2),
     Case("generate: --height 100", lambda e: generate(e, "--height", "100"), "multiples of 8"),
     Case("generate: a pickle embedding", lambda e: generate(e, "--embeds", str(e.root / "e.pt")), "pickled files are never loaded",
          lambda e: write(e.root / "e.pt", pickle.dumps({"x": 1}))),
@@ -233,7 +244,7 @@ CASES = [
     Case("quantize: no calibration photos", lambda e: ["quantize", str(e.model), str(e.root / "q"), "--calib-images", str(e.root / "none")],
          r"calibration images folder .*none does not exist"),
     Case("quantize: unknown scheme", lambda e: ["quantize", str(e.model), str(e.root / "q"), "--scheme", "w3"], "'w3' is not one of", code=2),
-    Case("export: into a file", lambda e: ["export", str(e.model), str(e.photos / "00.png")], r"is a file: pick a folder name"),
+    Case("export: into a file", lambda e: ["export", str(e.model), str(e.photos / "00.png")], r"00\.png' is a file", code=2),
 ]
 
 
@@ -279,3 +290,23 @@ def test_the_corpus_is_broad():
     assert len(CASES) >= 60
     kinds = {c.name.split(":")[0].split(" ")[0] for c in CASES}
     assert {"images", "model", "captions", "checkpoint", "out", "generate", "quantize"} <= kinds
+
+
+def test_runs_into_earlier_outputs_keep_them(template: Path, tmp_path: Path):
+    """generate into a folder with earlier images writes a numbered subfolder; --force replaces; train --force
+    starts a finished run over in place."""
+    env = Env(tmp_path / "env")
+    shutil.copytree(template, env.root)
+    first = CliRunner().invoke(main, generate(env))
+    assert first.exit_code == 0, first.output
+    before = snapshot(env.root / "samples")
+    second = CliRunner().invoke(main, generate(env, "--seed", "1"))
+    assert second.exit_code == 0 and str(env.root / "samples" / "2") in second.output, second.output
+    assert all(snapshot(env.root / "samples").get(k) == h for k, h in before.items())      # the first run is intact
+    assert (env.root / "samples" / "2" / "grid.png").is_file()
+    forced = CliRunner().invoke(main, generate(env, "--seed", "1", "--force"))
+    assert forced.exit_code == 0 and (env.root / "samples" / "grid.png").read_bytes() != b""
+    assert not (env.root / "samples" / "3").exists()
+    again = CliRunner().invoke(main, train(env, "--force", out="runs/done"))
+    assert again.exit_code == 0, again.output
+    assert json.loads((env.done / "timing.json").read_text())["last_step"] == 2

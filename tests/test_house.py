@@ -177,3 +177,9 @@ def test_a_copy_of_the_repository_works_with_nothing_beside_it(tmp_path):
         "--out", "w/samples", "-n", "1", "--steps", "2")
     assert (copy / "w" / "samples" / "grid.png").is_file()
     assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["zoodip"]      # nothing was put beside it
+
+
+def test_the_cli_replica_kinds_are_the_exporters():
+    from export.replica import KINDS
+    from zoodip.cli.export import REPLICAS
+    assert REPLICAS == KINDS

@@ -20,7 +20,6 @@ from zo_runtime.model_dir import MANIFEST_KEYS, XL_MANIFEST_KEYS, ModelDir
 from zo_runtime.session import OnnxModel
 from zo_runtime.text import SdxlTextEncoder, pool_index
 
-DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
 TOKEN = "<sks>"
 PROMPT = f"a photo of {TOKEN} on the beach"
 PROMPTS = ["a photo of a dog", "an oil painting of a red fox in the snow!"]   # "!" is encoder 2's pad token
@@ -224,19 +223,6 @@ def test_source_checks_name_the_problem(xl_diffusers, tmp_path):
     (refiner / "unet" / "config.json").write_text(json.dumps({**unet, "projection_class_embeddings_input_dim": 80}))
     with pytest.raises(ValueError, match="time ids"):
         check_architecture(refiner)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    from PIL import Image
-    if not DREAMBOOTH.is_dir():
-        pytest.skip(f"{DREAMBOOTH} is missing (the shared DreamBooth photos)")
-    out = tmp_path_factory.mktemp("photos")
-    files = sorted((DREAMBOOTH / "dog").glob("*.jpg"))[:2] + sorted((DREAMBOOTH / "cat").glob("*.jpg"))[:2]
-    for i, f in enumerate(files):
-        with Image.open(f) as im:
-            im.convert("RGB").resize((64, 64)).save(out / f"{i:02d}.png")
-    return out
 
 
 def test_quantize_w8_passes_gates_for_both_encoders(xl_exported, photos, tmp_path):

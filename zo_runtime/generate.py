@@ -8,6 +8,7 @@ unconditional inputs for an empty negative prompt (force_zeros_for_empty_prompt)
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import image_io as im
+from .config import setting
 from .embeds import load_learned_embeds, vector_names
-from .model_dir import ModelDir
+from .latents import check_size
+from .model_dir import INPUTS, ModelDir
 from .schedulers import NAMES, NoiseSchedule, make_scheduler
 from .session import OnnxModel
 from .text import SdxlTextEncoder, TextEncoder
@@ -28,25 +31,36 @@ TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "targe
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Settings of one `zoodip generate` run."""
+    """Settings of one `zoodip generate` run (the CLI's options are generated from these fields)."""
 
-    n: int = 4                    # images per prompt: enough to judge a token, one UNet batch of 8 with CFG
-    steps: int = 30               # DDIM converges by ~25-30 steps on SD; 50 is the DreamBooth protocol's
-    guidance: float = 7.5         # SD's usual CFG scale; <= 1 turns guidance off (no unconditional pass)
-    negative: str = ""            # the unconditional prompt, as diffusers uses it
-    scheduler: str = "ddim"       # deterministic and matched to diffusers; euler-a adds noise per step
-    seed: int = 0                 # image i starts from seed + i, so any single image can be remade alone
-    height: int | None = None     # None: the model's native resolution (or its static shape)
-    width: int | None = None
-    provider: str = "auto"        # execution provider short name (see `zoodip providers`)
-    provider_options: tuple[tuple[str, str], ...] = ()   # (key, value) pairs; a tuple keeps the config frozen
-    progress: bool = True         # tqdm bar over denoising steps
+    n: int = setting(4, "Images to generate: enough to judge a token, one UNet batch of 8 with CFG.", cli=True,
+                     flag="-n")
+    steps: int = setting(30, "Denoising steps: DDIM converges by ~25-30 on SD; the DreamBooth protocol uses 50.",
+                         cli=True)
+    guidance: float = setting(7.5, "Classifier-free guidance scale, SD's usual; <= 1 turns it off (no unconditional "
+                              "pass).", cli=True)
+    negative: str = setting("", "Negative (unconditional) prompt, as diffusers uses it.", cli=True)
+    scheduler: str = setting("ddim", "Sampler: ddim is deterministic and matched to diffusers; euler-a adds noise "
+                             "per step.", cli=True, choices=NAMES)
+    seed: int = setting(0, "Image i starts from seed + i, so any single image can be remade alone.", cli=True)
+    height: int | None = setting(None, "Pixels [default: the model's native size, or its static shape].", cli=True)
+    width: int | None = setting(None, "Pixels [default: the model's native size, or its static shape].", cli=True)
+    provider: str = setting("auto", "Execution provider: auto, cpu, cuda, dml, openvino, qnn, coreml.", cli=True)
+    provider_options: tuple[tuple[str, str], ...] = setting(
+        (), "Provider option KEY=VALUE, repeatable (e.g. device_type=CPU for openvino).", cli=True,
+        metavar="KEY=VALUE", flag="--provider-option")
+    force: bool = setting(False, "Write over the images of an earlier run in OUT (without it they are kept and "
+                          "this run goes to a new numbered subfolder).", cli=True)
     # SDXL micro-conditioning (other models refuse them): the size the model is told the source photo had, the
-    # crop it is told was taken, and the size it aims for. None: the output size; (0, 0): uncropped, as
-    # diffusers defaults (a nonzero crop asks for off-centre, cut-off subjects).
-    original_size: tuple[int, int] | None = None   # (height, width) px
-    crop_top_left: tuple[int, int] = (0, 0)        # (top, left) px
-    target_size: tuple[int, int] | None = None     # (height, width) px
+    # crop it is told was taken, and the size it aims for.
+    original_size: tuple[int, int] | None = setting(None, "SDXL: (height, width) the photo is said to have had "
+                                                    "[default: the output size].")
+    crop_top_left: tuple[int, int] = setting((0, 0), "SDXL: (top, left) of the crop it is said to be; (0, 0): "
+                                             "uncropped, as diffusers (nonzero asks for cut-off subjects).")
+    target_size: tuple[int, int] | None = setting(None, "SDXL: (height, width) aimed for [default: the output size].")
+    large_resolution: bool = setting(False, "Allow --height/--width above 2x the model's native size (memory and "
+                                     "time grow with the pixels).")
+    progress: bool = setting(True, "Show a progress bar over the denoising steps.")
 
     def __post_init__(self):
         if self.n < 1:
@@ -55,8 +69,8 @@ class GenerateConfig:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.scheduler not in NAMES:
             raise ValueError(f"--scheduler {self.scheduler!r} is unknown: choose one of {', '.join(NAMES)}")
-        if self.guidance < 0:
-            raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"--guidance must be a finite number >= 0 (7.5 is usual), got {self.guidance}")
         for side in (self.height, self.width):
             if side is not None and (side < 8 or side % 8):
                 raise ValueError(f"--height/--width must be positive multiples of 8, got {side}")
@@ -102,8 +116,8 @@ class Generator:
             raise ValueError(f"{self.model.root}: time ids {m['time_ids']} are not SDXL's {TIME_IDS}; re-export it")
         # A trainer passes its own TextEncoder so samples see its current vectors without a second session.
         self.text = text_encoder or (SdxlTextEncoder if self.xl else TextEncoder)(self.model, provider, provider_options)
-        self.unet = OnnxModel(self.model.onnx("unet"), provider, provider_options)
-        self.vae = OnnxModel(self.model.onnx("vae_decoder"), provider, provider_options)
+        self.unet = OnnxModel(self.model.onnx("unet"), provider, provider_options, expect=INPUTS["unet"])
+        self.vae = OnnxModel(self.model.onnx("vae_decoder"), provider, provider_options, expect=INPUTS["vae_decoder"])
         self.schedule = NoiseSchedule.from_model(self.model)
         self.latent_channels = int(m["latent_channels"])
         self.vae_factor = int(m["vae_scale_factor"])
@@ -145,7 +159,7 @@ class Generator:
                 prompt = re.sub(re.escape(token) + r"(?!_\d)", full, prompt)
         return prompt
 
-    def size(self, height: int | None, width: int | None) -> tuple[int, int]:
+    def size(self, height: int | None, width: int | None, allow_large: bool = False) -> tuple[int, int]:
         """Pixel size: asked, else static shape, else native; static-shape models accept only theirs."""
         native = int(self.model.manifest["native_resolution"])
         if self.static:
@@ -157,6 +171,8 @@ class Generator:
         h, w = height or native, width or native
         if h % self.vae_factor or w % self.vae_factor:
             raise ValueError(f"height/width must be multiples of {self.vae_factor}, got {h}x{w}")
+        for side, what in ((h, "--height"), (w, "--width")):
+            check_size(self.model, side, what, allow_large)
         return h, w
 
     def encode(self, prompts: list[str]) -> np.ndarray:
@@ -225,7 +241,7 @@ class Generator:
 
     def sample(self, prompt: str, cfg: GenerateConfig, latents: np.ndarray | None = None) -> np.ndarray:
         """cfg.n images (n, H, W, 3) uint8 for one prompt; `latents` (n, C, h, w) overrides the seeded noise."""
-        h, w = self.size(cfg.height, cfg.width)
+        h, w = self.size(cfg.height, cfg.width, cfg.large_resolution)
         shape = (self.latent_channels, h // self.vae_factor, w // self.vae_factor)
         rngs = [np.random.default_rng(cfg.seed + i) for i in range(cfg.n)]
         if latents is None:
@@ -261,9 +277,21 @@ def _as_inputs(text) -> dict[str, np.ndarray]:
     return dict(text) if isinstance(text, dict) else {"encoder_hidden_states": text}
 
 
-def write_images(gen: Generator, images: np.ndarray, prompt: str, cfg: GenerateConfig, out_dir: Path) -> Path:
-    """DIR/000.png ... with metadata in text chunks, and DIR/grid.png; returns DIR."""
+def free_folder(out_dir: Path, force: bool) -> Path:
+    """out_dir, or when it holds an earlier run's images (and not force) its first free numbered subfolder."""
     out_dir = Path(out_dir)
+    if force or not (out_dir / "grid.png").exists() and not (out_dir / "000.png").exists():
+        return out_dir
+    k = 2
+    while (out_dir / str(k)).exists():
+        k += 1
+    return out_dir / str(k)
+
+
+def write_images(gen: Generator, images: np.ndarray, prompt: str, cfg: GenerateConfig, out_dir: Path) -> Path:
+    """DIR/000.png ... with metadata in text chunks, and DIR/grid.png; returns DIR (free_folder: earlier
+    images in OUT are kept unless cfg.force)."""
+    out_dir = free_folder(out_dir, cfg.force)
     for i, image in enumerate(images):
         im.save_png(out_dir / f"{i:03d}.png", image, gen.metadata(prompt, cfg, i))
     im.save_grid(out_dir / "grid.png", list(images), meta={**gen.metadata(prompt, cfg, 0), "seed": cfg.seed})

@@ -10,7 +10,7 @@ from PIL import Image
 
 from .image_io import read_rgb
 from .io_utils import atomic_savez
-from .model_dir import ModelDir
+from .model_dir import INPUTS, ModelDir
 from .session import OnnxModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -113,7 +113,7 @@ def encode_images(model: ModelDir, images_dir: str | Path, resolution: int, cach
         with np.load(cache) as z:
             return Latents(names, z["mean"], z["std"])
     pixels = [load_image(p, resolution) for p in paths]   # all decoded first: a bad file fails before encoding
-    vae = OnnxModel(model.onnx("vae_encoder"), provider, provider_options)
+    vae = OnnxModel(model.onnx("vae_encoder"), provider, provider_options, expect=INPUTS["vae_encoder"])
     sf = float(model.manifest["scaling_factor"])
     params = np.stack([[_encode(vae, px), _encode(vae, px[:, :, ::-1])] for px in pixels])  # (N, 2, 2C, h, w)
     c = params.shape[2] // 2

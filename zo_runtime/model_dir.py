@@ -50,6 +50,30 @@ XL_MANIFEST_KEYS = (
     "addition_time_embed_dim", "time_ids", "cross_attention_dim", "force_upcast", "force_zeros_for_empty_prompt",
 )
 POOL_RULES = ("argmax", "first_eos")
+# Input names each graph must have (what zoodip feeds it); OnnxModel(expect=...) refuses a graph without them.
+INPUTS = {"text_encoder": ("inputs_embeds",), "text_encoder_2": ("inputs_embeds", "pool_index"),
+          "unet": ("sample", "timestep", "encoder_hidden_states"), "vae_encoder": ("sample",),
+          "vae_decoder": ("latent_sample",)}
+# Manifest numbers zoodip does arithmetic with, and the ranges in which that arithmetic means something.
+RANGES = {"embedding_dim": (1, 8192), "vocab_size": (1, 10_000_000), "max_length": (2, 1024), "latent_channels": (1, 64),
+          "vae_scale_factor": (1, 64), "num_train_timesteps": (100, 100_000), "native_resolution": (8, 8192),
+          "scaling_factor": (1e-6, 1e3), "beta_start": (1e-8, 0.5), "beta_end": (1e-8, 0.999)}
+
+
+def _check_values(mpath: Path, manifest: dict) -> None:
+    """ValueError naming the key when a manifest number is out of the range zoodip's arithmetic needs."""
+    for key, (lo, hi) in RANGES.items():
+        value = manifest.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+        if not ok:
+            raise ValueError(f"{mpath}: {key} is {value!r}, outside [{lo:g}, {hi:g}]: the manifest is damaged or was "
+                             "edited; re-run `zoodip export --force`")
+    if manifest["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{mpath}: prediction_type {manifest['prediction_type']!r} is not epsilon or v_prediction; "
+                         "re-run `zoodip export --force`")
+    if manifest["native_resolution"] % (manifest["vae_scale_factor"] * 8):
+        raise ValueError(f"{mpath}: native_resolution {manifest['native_resolution']} is not a multiple of "
+                         f"8 x vae_scale_factor {manifest['vae_scale_factor']}; re-run `zoodip export --force`")
 FORMAT = "zoodip-onnx/1"
 
 
@@ -83,6 +107,7 @@ class ModelDir:
         missing = [k for k in keys if k not in manifest]
         if missing or manifest.get("format") != FORMAT:
             raise ValueError(f"{mpath} is not a {FORMAT} manifest (missing {missing}); re-export with this zoodip version")
+        _check_values(mpath, manifest)
         if manifest.get("family") == "sdxl" and manifest["pool_rule"] not in POOL_RULES:
             raise ValueError(f"{mpath}: pool_rule {manifest['pool_rule']!r} is not one of {POOL_RULES}; "
                              "re-export with this zoodip version")
@@ -139,7 +164,15 @@ class ModelDir:
 
     def token_table(self, sub: str = "text_encoder") -> np.ndarray:
         """(vocab, d) token embeddings of one text encoder, memory-mapped (never copied)."""
-        return np.load(self.root / sub / "token_embeddings.npy", mmap_mode="r")
+        path = self.root / sub / "token_embeddings.npy"
+        try:
+            table = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{path} is damaged ({err}); re-run `zoodip export --force`") from None
+        if table.ndim != 2 or table.dtype.kind != "f":
+            raise ValueError(f"{path} holds a {table.dtype} array of shape {table.shape}, not the (vocab, d) token "
+                             "table; re-run `zoodip export --force`")
+        return table
 
     def alphas_cumprod(self) -> np.ndarray:
         """(T,) float64 cumulative alphas of the training noise schedule (SD: scaled_linear)."""

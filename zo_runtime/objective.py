@@ -23,7 +23,7 @@ import numpy as np
 
 from . import latents as lat, priors, prompts, schedule, zo
 from .embeds import vector_names
-from .model_dir import ModelDir
+from .model_dir import INPUTS, ModelDir
 from .session import OnnxModel
 from .text import TextEncoder
 from .train_config import TrainConfig
@@ -127,15 +127,17 @@ class Sessions:
     def __init__(self):
         self.open: dict[tuple, OnnxModel] = {}
 
-    def get(self, path: Path, provider: str, options: dict) -> OnnxModel:
+    def get(self, path: Path, provider: str, options: dict, expect: tuple[str, ...] = ()) -> OnnxModel:
         key = (str(Path(path).resolve()), provider, tuple(sorted(options.items())), os.environ.get("ZOODIP_THREADS"))
         if key not in self.open:
-            self.open[key] = OnnxModel(path, provider, options)
+            self.open[key] = OnnxModel(path, provider, options, expect=expect)
         return self.open[key]
 
 
-def _session(sessions: Sessions | None, path: Path, provider: str, options: dict) -> OnnxModel:
-    return sessions.get(path, provider, options) if sessions else OnnxModel(path, provider, options)
+def _session(sessions: Sessions | None, model: ModelDir, sub: str, provider: str, options: dict) -> OnnxModel:
+    """The submodel's session (kept open in `sessions` when given), checked for the layout's input names."""
+    path, expect = model.onnx(sub), INPUTS[sub]
+    return sessions.get(path, provider, options, expect) if sessions else OnnxModel(path, provider, options, expect=expect)
 
 
 def open_objective(model_dir, images_dir, out: Path | None, cfg: TrainConfig, role: str = "all",
@@ -153,7 +155,7 @@ def open_objective(model_dir, images_dir, out: Path | None, cfg: TrainConfig, ro
     opts = dict(cfg.provider_options)
     latents = images_dir if isinstance(images_dir, lat.Latents) else \
         lat.encode_images(model, images_dir, res, out, cfg.provider, opts)
-    te = _session(sessions, model.onnx("text_encoder"), cfg.provider, opts)
+    te = _session(sessions, model, "text_encoder", cfg.provider, opts)
     text = TextEncoder(model, cfg.provider, opts, session=te)
     tokens, v0 = place_tokens(text, cfg)
     passes = cfg.zo.passes
@@ -167,7 +169,7 @@ def open_objective(model_dir, images_dir, out: Path | None, cfg: TrainConfig, ro
     dirs_seconds = time.perf_counter() - t0
     unet, unet_rows = None, 1              # a driver sends its passes to workers, one UNet pass per call
     if role != "driver":
-        unet = _session(sessions, model.onnx("unet"), cfg.provider, opts)
+        unet = _session(sessions, model, "unet", cfg.provider, opts)
         unet_rows = batch_per_call(unet, "sample", passes, passes if cfg.unet_batch == "batch" else 1, "UNet")
     return Objective(cfg, model, text, unet, latents, drawer, tokens, v0, model.alphas_cumprod(), res, unet_rows,
                      text_rows, dirs, (draws, batch), dirs_seconds,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model_dir import ModelDir
+from .model_dir import INPUTS, ModelDir
 from .session import OnnxModel
 from .tokenizer import ClipTokenizer
 
@@ -23,7 +23,7 @@ class TextEncoder:
         folder, pad = model.tokenizer_of(sub)
         self.tokenizer = ClipTokenizer(folder, pad_token=pad, max_length=int(m["max_length"]))
         self.table = model.token_table(sub)           # (V, d) mmap, never copied
-        self.session = session or OnnxModel(model.onnx(sub), provider, provider_options, expect=("inputs_embeds",))
+        self.session = session or OnnxModel(model.onnx(sub), provider, provider_options, expect=INPUTS[sub])
         self.dim = self.table.shape[1]
         self.learned: dict[int, np.ndarray] = {}      # id -> (d,) float32
         # SDXL's text_encoder_2 also returns the pooled projection, at a position the runtime supplies.

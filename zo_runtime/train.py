@@ -133,7 +133,7 @@ def _sample(out: Path, run: obj.Objective, step: int) -> None:
         return
     cfg = run.cfg
     gcfg = GenerateConfig(n=4, steps=25, seed=0, height=run.resolution, width=run.resolution, provider=cfg.provider,
-                          provider_options=cfg.provider_options, progress=False)
+                          provider_options=cfg.provider_options, progress=False, force=True)   # the run's own folder
     generate(run.model.root, [out / EMBEDS], f"a photo of {run.prompts.placeholder}",
              out / "samples" / f"step_{step:06d}", gcfg)
 

@@ -79,4 +79,4 @@ def _samples(model: Path, embeds: Path, cfg: TrainConfig, out: Path, say) -> Non
         return
     say(f"[4/4] samples -> {out}")
     generate(model, [embeds], f"a photo of {' '.join(vector_names(cfg.token, cfg.num_vectors))}", out,
-             GenerateConfig(n=4, provider=cfg.provider, provider_options=cfg.provider_options))
+             GenerateConfig(n=4, provider=cfg.provider, provider_options=cfg.provider_options, force=True))

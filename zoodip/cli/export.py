@@ -5,7 +5,7 @@ import click
 
 from ._common import friendly_errors
 
-REPLICAS = ("sd15", "sd21", "tiny", "tiny-v")
+REPLICAS = ("sd15", "sd21", "sdxl", "tiny", "tiny-v", "tiny-sdxl")   # export.replica.KINDS (test_house checks)
 
 
 @click.command()

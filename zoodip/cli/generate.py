@@ -3,37 +3,30 @@ from __future__ import annotations
 
 import click
 
+from zo_runtime.generate import GenerateConfig
+
 from ._common import friendly_errors, provider_option, provider_options_option
+from ._options import build_config, config_options, settings_epilog
 
 SCHEDULERS = click.Choice(["ddim", "euler", "euler-a", "dpm++2m"])
 
 
-@click.command(help="Generate images with learned tokens (torch-free). Writes OUT/000.png ... and OUT/grid.png.")
+@click.command(epilog=settings_epilog(GenerateConfig))
 @click.argument("model", type=click.Path())
 @click.option("--embeds", "embeds", multiple=True, type=click.Path(),
-              help="Learned-embeds .safetensors (diffusers or A1111), repeatable.")
+              help="Learned-embeds .safetensors (diffusers, A1111, or SDXL clip_l/clip_g), repeatable.")
 @click.option("--prompt", required=True, help="Use the learned token in it, e.g. 'a photo of sks on the beach'.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder.")
-@click.option("-n", "n", default=4, show_default=True, help="Images to generate.")
-@click.option("--steps", default=30, show_default=True, help="Denoising steps.")
-@click.option("--guidance", default=7.5, show_default=True, help="Classifier-free guidance scale (<= 1: off).")
-@click.option("--negative", default="", help="Negative (unconditional) prompt.")
-@click.option("--scheduler", type=SCHEDULERS, default="ddim", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Image i uses seed + i.")
-@click.option("--height", type=int, default=None, help="Pixels; default the model's native resolution.")
-@click.option("--width", type=int, default=None, help="Pixels; default the model's native resolution.")
-@provider_option
-@provider_options_option
+@config_options(GenerateConfig)
 @friendly_errors
-def generate(model, embeds, prompt, out, n, steps, guidance, negative, scheduler, seed, height, width,
-             provider, provider_options):
-    from zo_runtime.generate import GenerateConfig, generate as run
-    from zo_runtime.providers import parse_options
-    cfg = GenerateConfig(n=n, steps=steps, guidance=guidance, negative=negative, scheduler=scheduler, seed=seed,
-                         height=height, width=width, provider=provider,
-                         provider_options=tuple(parse_options(provider_options).items()))
+def generate(model, embeds, prompt, out, sets, **kw):
+    """Generate images with learned tokens (torch-free): OUT/000.png ... and OUT/grid.png (earlier images in OUT
+    are kept: a new run then writes to OUT/2/, OUT/3/, ... unless --force)."""
+    from zo_runtime.generate import generate as run
+
+    cfg = build_config(GenerateConfig, kw, sets)
     path = run(model, list(embeds), prompt, out, cfg)
-    click.echo(f"wrote {n} images and grid.png to {path}")
+    click.echo(f"wrote {cfg.n} images and grid.png to {path}")
 
 
 @click.command(help="DreamBooth-protocol evaluation (CLIP-I, CLIP-T, DINO) of a learned token.")
