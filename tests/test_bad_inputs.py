@@ -165,6 +165,8 @@ CASES = [
          lambda e: manifest_edit(e, scaling_factor="big")),
     Case("model: tokenizer missing", lambda e: train(e), r"vocab\.json",
          lambda e: (e.model / "tokenizer" / "vocab.json").unlink()),
+    Case("model: a weight file edited", lambda e: ["verify", str(e.model)], r"unet/model\.onnx differ from what the manifest",
+         lambda e: write(e.model / "unet" / "model.onnx", (e.model / "unet" / "model.onnx").read_bytes() + b"\0")),
     # -- option values
     Case("--steps 0", lambda e: train(e, "--steps", "0"), "--steps must be >= 1"),
     Case("--steps -5", lambda e: train(e, "--steps", "-5"), "--steps must be >= 1"),

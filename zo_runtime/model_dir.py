@@ -28,6 +28,7 @@ prompt is all-zero conditioning when force_zeros_for_empty_prompt (SDXL base: tr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,30 @@ def _check_values(mpath: Path, manifest: dict) -> None:
 FORMAT = "zoodip-onnx/1"
 
 
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """{relative posix path: sha256} of every file under root except the manifest itself."""
+    return {p.relative_to(root).as_posix(): sha256(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def verify_files(root: Path, manifest: dict) -> list[str]:
+    """Relative paths whose sha256 no longer matches the manifest (or that are missing)."""
+    bad = []
+    for rel, digest in manifest.get("files", {}).items():
+        p = root / rel
+        if not p.is_file() or sha256(p) != digest:
+            bad.append(rel)
+    return bad
+
+
 def submodels_for(family: str) -> tuple[str, ...]:
     """The ONNX graphs a model folder of this family holds (in export order)."""
     return XL_SUBMODELS if family == "sdxl" else SUBMODELS
@@ -115,6 +140,13 @@ class ModelDir:
             if not (root / sub / "model.onnx").is_file():
                 raise ValueError(f"{root / sub / 'model.onnx'} is missing; re-run `zoodip export --force`")
         return cls(root, manifest)
+
+    def verify(self) -> None:
+        """ValueError naming every file whose sha256 differs from the manifest's (damaged or replaced)."""
+        bad = verify_files(self.root, self.manifest)
+        if bad:
+            raise ValueError(f"{self.root}: {', '.join(bad)} differ from what the manifest recorded (damaged, edited or "
+                             "missing); export or quantize the model again")
 
     def onnx(self, sub: str) -> Path:
         return self.root / sub / "model.onnx"

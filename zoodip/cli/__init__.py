@@ -13,6 +13,7 @@ import click
 # command name -> "module:attribute"; modules are imported only when the command runs.
 COMMANDS = {
     "providers": "zoodip.cli.providers:providers",
+    "verify": "zoodip.cli.providers:verify",
     "replica": "zoodip.cli.export:replica",
     "export": "zoodip.cli.export:export",
     "quantize": "zoodip.cli.quantize:quantize",
@@ -25,6 +26,7 @@ COMMANDS = {
 }
 HELP = {
     "providers": "Show onnxruntime, its execution providers, and what --provider auto picks.",
+    "verify": "Check a model folder's files against the sha256 its manifest recorded.",
     "replica": "Write a random-weight SD 1.5 / SD 2.1 architecture replica (benchmarks only).",
     "export": "Export a diffusers SD 1.x/2.x model to zoodip's ONNX layout.",
     "quantize": "Quantize an exported model (w8a8, w8, w4, fp16) with fidelity gates.",
