@@ -375,3 +375,83 @@ generate({str(xl_exported)!r}, [{str(embeds)!r}], {PROMPT!r}, {str(tmp_path / 'o
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "000.png").is_file()
+
+
+# -- training: one vector [clip_l | clip_g] per token, pooled text_embeds and time ids from the photos
+
+def _xl_train_cfg(**kw):
+    from zo_runtime.train_config import TrainConfig
+    return TrainConfig(**{**dict(token=TOKEN, init="dog", steps=6, tau=4, save_every=3, progress=False), **kw})
+
+
+def test_training_sdxl_conditions_on_both_encoders_and_the_photos_geometry(xl_exported, photos, tmp_path):
+    from zo_runtime import objective as O
+    from zo_runtime import zo
+
+    run = O.open_objective(xl_exported, photos, tmp_path, _xl_train_cfg())
+    assert run.v0.shape == (1, 32 + 48) and (run.cfg.mu, run.cfg.t_range, run.cfg.directions) == (1e-2, (700, 900), "gaussian")
+    d = O.draw(run, zo.step_rng(0, 1))
+    assert 700 <= d.t < 900 and d.extra["time_ids"].shape == (1, 6) and d.extra["ids_2"].shape == (77,)
+    h, w, top, left, th, tw = d.extra["time_ids"][0]
+    assert (th, tw) == (run.resolution, run.resolution) and min(h, w) > 0 and top >= 0 and left >= 0
+    geo = run.latents.time_ids                                            # (N, 2, 6): an image and its mirror
+    scale = run.resolution / np.minimum(geo[:, 0, 0], geo[:, 0, 1])
+    resized_w = np.maximum(run.resolution, np.round(geo[:, 0, 1] * scale))
+    assert np.allclose(geo[:, 1, 3], resized_w - geo[:, 0, 3] - run.resolution)      # the flipped crop's left edge
+    # the training conditioning of v is what generation computes for the prompt with v as the token's vector
+    buf = O.Buffers.for_run(run)
+    pts = np.repeat(run.v0.reshape(1, -1), 3, axis=0) + np.float32(0.1) * np.arange(3, dtype=np.float32)[:, None]
+    emb = buf.emb[:3]
+    emb[:] = d.base
+    for j, r in enumerate(d.rows):
+        emb[:, r] = pts.reshape(3, 1, -1)[:, j, None]
+    cond = O.encode_text(run, emb, d.extra)
+    ref = SdxlTextEncoder(ModelDir.open(xl_exported))
+    ref.add_tokens([TOKEN], pts[2:3])
+    hidden, pooled = ref([d.prompt])
+    assert np.abs(cond["encoder_hidden_states"][2] - hidden[0]).max() < 1e-5
+    assert np.abs(cond["text_embeds"][2] - pooled[0]).max() < 1e-5
+    losses = O.point_losses(run, pts, d, buf)
+    assert np.isfinite(losses).all() and len(set(np.round(losses, 12))) == 3
+
+
+def test_training_sdxl_resumes_exactly_and_diffusers_loads_the_result(xl_exported, xl_diffusers, photos, tmp_path):
+    import json
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.numpy import load_file
+    from zo_runtime.train import train
+
+    ref = train(xl_exported, photos, tmp_path / "ref", _xl_train_cfg())
+    train(xl_exported, photos, tmp_path / "cut", _xl_train_cfg(steps=3))
+    cut = train(xl_exported, photos, tmp_path / "cut", _xl_train_cfg(resume=True))
+    a, b = load_file(str(ref)), load_file(str(cut))
+    assert set(a) == {"clip_l", "clip_g"} and a["clip_l"].shape == (1, 32) and a["clip_g"].shape == (1, 48)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    losses = [json.loads(r)["loss"] for r in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_diffusers)
+    import torch
+    state = {k: torch.from_numpy(v) for k, v in a.items()}
+    pipe.load_textual_inversion(state["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    row = pipe.text_encoder_2.get_input_embeddings().weight[pipe.tokenizer_2.convert_tokens_to_ids(TOKEN)]
+    assert np.array_equal(row.detach().numpy(), a["clip_g"][0])
+
+
+def test_training_sdxl_runs_where_torch_cannot_be_imported(xl_exported, photos, tmp_path):
+    import subprocess
+    import sys
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, *args):
+        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'optimum'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+from zoodip.cli import main
+main(['train', {str(xl_exported)!r}, '--images', {str(photos)!r}, '--token', 'sks', '--init', 'dog', '--out',
+      {str(tmp_path / 'o')!r}, '--steps', '2', '--set', 'progress=false'], standalone_mode=False)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "learned_embeds.safetensors").is_file()

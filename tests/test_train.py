@@ -222,7 +222,7 @@ def test_captions(tmp_path):
 def test_v_prediction_target(tiny_v_exported, images, tmp_path):
     cfg = quick(latent="mean")
     run = O.open_objective(tiny_v_exported, images, tmp_path, cfg)
-    _, _, _, t, x_t, target = O.draw(run, zo.step_rng(0, 1))
+    _, _, _, t, x_t, target, _ = O.draw(run, zo.step_rng(0, 1))
     rng = np.random.default_rng([0, 1, 0])          # replay the draws of step 1: image, flip, prompt, t, eps
     index, flip = int(rng.integers(3)), bool(rng.random() < 0.5)
     rng.integers(len(prompts.OBJECT_TEMPLATES)), rng.integers(500, 900)
@@ -285,7 +285,7 @@ def test_unet_batch_and_single_give_the_same_losses(tiny_exported, images, tmp_p
     runs = {mode: O.open_objective(tiny_exported, images, tmp_path, quick(unet_batch=mode)) for mode in ("batch", "single")}
     assert (runs["batch"].unet_rows, runs["single"].unet_rows) == (3, 1)
     cfg = quick()
-    _, base, rows, t, x_t, target = O.draw(runs["batch"], zo.step_rng(0, 1))
+    _, base, rows, t, x_t, target, _ = O.draw(runs["batch"], zo.step_rng(0, 1))
     emb = np.repeat(base[None], 3, axis=0)
     for r in rows:
         emb[:, r] = (runs["batch"].v0 + np.float32(0.1) * np.arange(3, dtype=np.float32)[:, None, None])[:, :1]

@@ -23,6 +23,9 @@ class Latents:
     names: list[str]
     mean: np.ndarray    # (N, 2, C, h, w) float32; [:, 1] is the horizontally flipped image
     std: np.ndarray     # (N, 2, C, h, w) float32
+    # (N, 2, 6) SDXL micro-conditioning of each image and its mirror: original (height, width) before resizing,
+    # the crop's (top, left) in the resized image (mirrored for the flip), target (height, width)
+    time_ids: np.ndarray | None = None
 
     def sample(self, rng: np.random.Generator, index: int, flip: bool, mode: str) -> np.ndarray:
         """(1, C, h, w) x0: the posterior mean, or a posterior sample like the reference's latent_dist.sample()."""
@@ -74,9 +77,9 @@ def list_images(folder: str | Path) -> list[Path]:
     return paths
 
 
-def load_image(path: Path, resolution: int) -> np.ndarray:
+def load_image(path: Path, resolution: int, geometry: list | None = None) -> np.ndarray:
     """(3, res, res) float32 in [-1, 1]: the image as it looks (image_io.read_rgb), short side resized,
-    center crop."""
+    center crop. geometry: appended with the (6,) time ids of the image and of its mirror (Latents.time_ids)."""
     im = read_rgb(path)
     w, h = im.size
     scale = resolution / min(w, h)
@@ -84,12 +87,15 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
     im = im.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     im = im.crop((left, top, left + resolution, top + resolution))
+    if geometry is not None:       # as diffusers' SDXL scripts: a flipped crop's left edge is mirrored too
+        geometry.append([[h, w, top, left, resolution, resolution], [h, w, top, nw - left - resolution, resolution,
+                                                                     resolution]])
     return (np.asarray(im, np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
 
 
 def _cache_key(model: ModelDir, paths: list[Path], resolution: int) -> str:
     h = hashlib.sha256((model.root / "manifest.json").read_bytes())
-    h.update(str(resolution).encode())
+    h.update(f"{resolution}/time_ids".encode())       # caches from before time ids are rebuilt
     for p in paths:
         h.update(p.name.encode())
         h.update(hashlib.sha256(p.read_bytes()).digest())
@@ -111,8 +117,9 @@ def encode_images(model: ModelDir, images_dir: str | Path, resolution: int, cach
     names = [p.name for p in paths]
     if cache.is_file():
         with np.load(cache) as z:
-            return Latents(names, z["mean"], z["std"])
-    pixels = [load_image(p, resolution) for p in paths]   # all decoded first: a bad file fails before encoding
+            return Latents(names, z["mean"], z["std"], z["time_ids"])
+    geometry: list = []
+    pixels = [load_image(p, resolution, geometry) for p in paths]   # all decoded first: a bad file fails first
     vae = OnnxModel(model.onnx("vae_encoder"), provider, provider_options, expect=INPUTS["vae_encoder"])
     sf = float(model.manifest["scaling_factor"])
     params = np.stack([[_encode(vae, px), _encode(vae, px[:, :, ::-1])] for px in pixels])  # (N, 2, 2C, h, w)
@@ -120,5 +127,6 @@ def encode_images(model: ModelDir, images_dir: str | Path, resolution: int, cach
     mean = params[:, :, :c] * sf
     std = np.exp(0.5 * np.clip(params[:, :, c:], -30.0, 20.0)) * sf    # as diffusers' DiagonalGaussianDistribution
     mean, std = mean.astype(np.float32), std.astype(np.float32)
-    atomic_savez(cache, mean=mean, std=std)
-    return Latents(names, mean, std)
+    time_ids = np.asarray(geometry, np.float32)                          # (N, 2, 6)
+    atomic_savez(cache, mean=mean, std=std, time_ids=time_ids)
+    return Latents(names, mean, std, time_ids)

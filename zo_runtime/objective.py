@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from . import latents as lat, priors, prompts, schedule, zo
 from .embeds import vector_names
 from .model_dir import INPUTS, ModelDir
 from .session import OnnxModel
-from .text import TextEncoder
+from .text import SdxlTextEncoder, TextEncoder
 from .train_config import TrainConfig
 
 VALIDATION_STREAM = 3     # zo.step_rng's data and direction streams are 0 and 1
@@ -58,8 +58,9 @@ class Prompts:
         self.templates = prompts.templates(cfg.templates)
         self.captions = prompts.load_captions(cfg.captions, names) if cfg.captions else None
 
-    def draw(self, rng: np.random.Generator, image: int) -> tuple[str, np.ndarray, list[np.ndarray]]:
-        """(prompt, (77, d) float32 token rows, [(r_j,) positions of vector j]) for the step's image."""
+    def draw(self, rng: np.random.Generator, image: int) -> tuple[str, np.ndarray, list[np.ndarray], dict]:
+        """(prompt, (77, d) float32 token rows, [(r_j,) positions of vector j], extra text inputs) for the
+        step's image (extra: SDXL's encoder-2 ids, which its pooling position comes from)."""
         if self.captions:
             return self._encode(self.captions[self.names[image]].format(self.placeholder))
         return self._encode(self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder))
@@ -67,17 +68,17 @@ class Prompts:
     def draw_template(self, i: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """((77, d) token rows, positions) of template i (captions: image i's caption)."""
         if self.captions:
-            return self._encode(self.captions[self.names[i % len(self.names)]].format(self.placeholder))[1:]
-        return self._encode(self.templates[i].format(self.placeholder))[1:]
+            return self._encode(self.captions[self.names[i % len(self.names)]].format(self.placeholder))[1:3]
+        return self._encode(self.templates[i].format(self.placeholder))[1:3]
 
-    def _encode(self, prompt: str) -> tuple[str, np.ndarray, list[np.ndarray]]:
+    def _encode(self, prompt: str) -> tuple[str, np.ndarray, list[np.ndarray], dict]:
         if prompt not in self.cache:
-            ids = self.text.tokenizer([prompt])[0]
+            ids, base, extra = self.text.prompt_rows(prompt)
             rows = [np.flatnonzero(ids == i) for i in self.ids]
             if any(r.size == 0 for r in rows):
                 raise ValueError(f"prompt {prompt!r} lost the placeholder when truncated to 77 tokens; shorten it")
             # (77, d) rows once per prompt; the placeholder rows are overwritten every step.
-            self.cache[prompt] = (self.text.token_embeds(ids[None])[0], rows)
+            self.cache[prompt] = (base, rows, extra or {})
         return (prompt, *self.cache[prompt])
 
 
@@ -87,7 +88,7 @@ class Objective:
 
     cfg: TrainConfig          # resolved against the model (schedule.resolve)
     model: ModelDir
-    text: TextEncoder
+    text: TextEncoder | SdxlTextEncoder     # SDXL: both encoders, a vector is [clip_l | clip_g]
     unet: OnnxModel | None    # None on a driver whose workers run the UNet
     latents: lat.Latents
     prompts: Prompts
@@ -155,8 +156,14 @@ def open_objective(model_dir, images_dir, out: Path | None, cfg: TrainConfig, ro
     opts = dict(cfg.provider_options)
     latents = images_dir if isinstance(images_dir, lat.Latents) else \
         lat.encode_images(model, images_dir, res, out, cfg.provider, opts)
-    te = _session(sessions, model, "text_encoder", cfg.provider, opts)
-    text = TextEncoder(model, cfg.provider, opts, session=te)
+    if model.is_xl:                   # both encoders (kept sessions cover SD 1.x / 2.x's single one)
+        if cfg.directions == "jacobian":
+            raise ValueError("--directions jacobian is not built for SDXL's two text encoders yet: use --directions "
+                             "gaussian (the fast schedule's choice for SDXL)")
+        text = SdxlTextEncoder(model, cfg.provider, opts)
+    else:
+        text = TextEncoder(model, cfg.provider, opts, session=_session(sessions, model, "text_encoder",
+                                                                       cfg.provider, opts))
     tokens, v0 = place_tokens(text, cfg)
     passes = cfg.zo.passes
     text_rows = batch_per_call(text.session, "inputs_embeds", passes, passes, "text encoder")
@@ -186,54 +193,72 @@ def fingerprint(model: ModelDir, images_dir) -> dict:
             "images": h.hexdigest()[:16]}
 
 
-def encode_text(run: Objective, emb: np.ndarray) -> np.ndarray:
-    """(P, 77, d) token embeddings -> (P, 77, d) hidden states, text_rows per call (a worker makes the same calls)."""
-    tr = run.text_rows
-    return np.concatenate([run.text.encode_embeds(emb[i:i + tr]) for i in range(0, len(emb), tr)])
+def encode_text(run: Objective, emb: np.ndarray, extra: dict) -> dict[str, np.ndarray]:
+    """(P, 77, d) token embeddings -> the UNet's text inputs (encoder_hidden_states (P, 77, d); SDXL: and
+    text_embeds (P, p)), text_rows per call (a worker makes the same calls)."""
+    return run.text.conditioning(emb, extra, run.text_rows)
 
 
-def unet_losses(run: Objective, hidden: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
-                sample: np.ndarray, calls: Sequence[int] | None = None) -> np.ndarray:
+def unet_losses(run: Objective, cond: dict[str, np.ndarray], x_t: np.ndarray, t: int, target: np.ndarray,
+                sample: np.ndarray, calls: Sequence[int] | None = None, extra: dict | None = None) -> np.ndarray:
     """float64 MSE of UNet calls `calls` (call c: rows c*unet_rows ...; None: every call of the step).
 
     Each call's MSE is taken on that call's output alone, so a worker running some of the calls gets the
-    very floats that one process running all of them gets."""
+    very floats that one process running all of them gets. extra: SDXL's (1, 6) time_ids of the step's image."""
     rows = run.unet_rows
-    calls = range(-(-len(hidden) // rows)) if calls is None else calls
+    calls = range(-(-len(cond["encoder_hidden_states"]) // rows)) if calls is None else calls
     ts = np.array(t, np.float32)
     if run.unet.inputs["timestep"].shape:                  # a (B,) timestep input instead of a scalar
         ts = np.full(rows, t, np.float32)
     sample[:] = x_t                                          # (rows, C, h, w), same x_t for every pass
+    fixed = {"timestep": ts}
+    if extra and "time_ids" in extra:
+        fixed["time_ids"] = np.repeat(extra["time_ids"], rows, axis=0)      # (rows, 6)
     out = [np.zeros(0)]
     for c in calls:
-        pred = run.unet.run({"sample": sample, "timestep": ts,
-                             "encoder_hidden_states": hidden[c * rows:(c + 1) * rows]})[0]     # (rows, C, h, w)
+        feeds = {k: v[c * rows:(c + 1) * rows] for k, v in cond.items()}
+        pred = run.unet.run({"sample": sample, **fixed, **feeds})[0]          # (rows, C, h, w)
         diff = pred.astype(np.float32) - target
         out.append(np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64))
     return np.concatenate(out)
 
 
 def losses(run: Objective, emb: np.ndarray, x_t: np.ndarray, t: int, target: np.ndarray,
-           sample: np.ndarray, calls: Sequence[int] | None = None) -> np.ndarray:
+           sample: np.ndarray, calls: Sequence[int] | None = None, extra: dict | None = None) -> np.ndarray:
     """(P,) float64 MSE of every pass (or of UNet calls `calls` only): text encoder on all P, then the UNet."""
-    return unet_losses(run, encode_text(run, emb), x_t, t, target, sample, calls)
+    extra = extra or {}
+    return unet_losses(run, encode_text(run, emb, extra), x_t, t, target, sample, calls, extra)
 
 
-def draw(run: Objective, rng: np.random.Generator):
+class Draw(NamedTuple):
+    """A step's draws, common to all its passes."""
+
+    prompt: str
+    base: np.ndarray          # (77, d) token rows of the prompt
+    rows: list                # [(r_j,) positions of vector j]
+    t: int
+    x_t: np.ndarray           # (1, C, h, w)
+    target: np.ndarray        # (1, C, h, w) noise (or v)
+    extra: dict               # SDXL: encoder 2's ids (pooling) and the image's (1, 6) time_ids; else empty
+
+
+def draw(run: Objective, rng: np.random.Generator) -> Draw:
     """A step's draws, common to all its passes: image, flip, prompt, t, noise -> x_t and the target.
 
     rng: zo.step_rng(seed, step) in training, validation_rng(seed, i) for the fixed validation set."""
     cfg = run.cfg
     index, flip = int(rng.integers(len(run.latents.names))), bool(rng.random() < 0.5)
-    prompt, base, rows = run.prompts.draw(rng, index)
+    prompt, base, rows, extra = run.prompts.draw(rng, index)
+    if run.model.is_xl:
+        extra = {**extra, "time_ids": run.latents.time_ids[index, int(flip)][None]}
     t = zo.sample_timestep(rng, *cfg.t_range)
     x0 = run.latents.sample(rng, index, flip, cfg.latent)                 # (1, C, h, w)
     eps = rng.standard_normal(x0.shape, dtype=np.float32)
     a = run.alphas[t]
     x_t = (np.sqrt(a) * x0 + np.sqrt(1 - a) * eps).astype(np.float32)
     if run.model.manifest["prediction_type"] == "v_prediction":
-        return prompt, base, rows, t, x_t, (np.sqrt(a) * eps - np.sqrt(1 - a) * x0).astype(np.float32)
-    return prompt, base, rows, t, x_t, eps
+        return Draw(prompt, base, rows, t, x_t, (np.sqrt(a) * eps - np.sqrt(1 - a) * x0).astype(np.float32), extra)
+    return Draw(prompt, base, rows, t, x_t, eps, extra)
 
 
 def validation_rng(seed: int, i: int) -> np.random.Generator:
@@ -247,11 +272,12 @@ def eval_losses(run: Objective, vectors: np.ndarray, rngs) -> list[float]:
     sample = np.empty((run.unet_rows, *run.latents.mean.shape[2:]), np.float32)
     out = []
     for rng in rngs:
-        _, base, rows, t, x_t, target = draw(run, rng)
-        emb[:] = base
-        for j, r in enumerate(rows):
+        d = draw(run, rng)
+        emb[:] = d.base
+        for j, r in enumerate(d.rows):
             emb[:, r] = vectors[j]
-        out.append(float(np.mean([losses(run, emb[[0] * run.unet_rows], x_t, t, target, sample)])))
+        out.append(float(np.mean([losses(run, emb[[0] * run.unet_rows], d.x_t, d.t, d.target, sample, None,
+                                         d.extra)])))
     return out
 
 
@@ -299,13 +325,12 @@ def point_losses(run: Objective, points: np.ndarray, drawn: tuple, buf: Buffers,
     """(P,) losses of (P, k d) points on one step's draws: each point's vectors in the placeholder rows.
 
     calls: only these UNet calls (a worker's share; the text encoder still encodes all P points)."""
-    _, base, rows, t, x_t, target = drawn
     P, (k, d) = len(points), run.v0.shape
     emb = buf.emb[:P]
-    emb[:] = base
-    for j, r in enumerate(rows):
+    emb[:] = drawn.base
+    for j, r in enumerate(drawn.rows):
         emb[:, r] = points.reshape(P, k, d)[:, j, None]
-    return losses(run, emb, x_t, t, target, buf.sample, calls)
+    return losses(run, emb, drawn.x_t, drawn.t, drawn.target, buf.sample, calls, drawn.extra)
 
 
 class Evaluator(Protocol):

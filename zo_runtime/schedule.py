@@ -20,7 +20,8 @@ SCHEDULES = {
 FAMILIES = {
     "sd1": {"mu": 1e-3, "t_range": (500, 900)},
     "sd2": {"mu": 1e-2, "t_range": (500, 900), "paper": {"lr": 1e-2}},
-    "sdxl": {"mu": 1e-2, "t_range": (700, 900), "paper": {"steps": 20000}},
+    "sdxl": {"mu": 1e-2, "t_range": (700, 900), "paper": {"steps": 20000},
+             "fast": {"directions": "gaussian"}},      # Jacobian directions are built for one text encoder
 }
 
 

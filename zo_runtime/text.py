@@ -57,6 +57,16 @@ class TextEncoder:
             out[ids == i] = vec
         return out
 
+    def prompt_rows(self, prompt: str) -> tuple[np.ndarray, np.ndarray, None]:
+        """((77,) ids, (77, d) token rows, None) of a prompt: what training splices its vectors into."""
+        ids = self.tokenizer([prompt])[0]
+        return ids, self.token_embeds(ids[None])[0], None
+
+    def conditioning(self, embeds: np.ndarray, extra: dict, rows: int) -> dict[str, np.ndarray]:
+        """(P, 77, d) token rows -> the UNet's text inputs {encoder_hidden_states: (P, 77, d)}, `rows` per call."""
+        return {"encoder_hidden_states": np.concatenate([self.encode_embeds(embeds[i:i + rows])
+                                                         for i in range(0, len(embeds), rows)])}
+
     def encode_embeds(self, embeds: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """(B, 77, d) token embeddings -> (B, 77, d) last_hidden_state (what the UNet conditions on).
 
@@ -122,6 +132,29 @@ class SdxlTextEncoder:
         for enc, part in zip(self.encoders, self.split(vectors)):
             enc.set_vectors(ids, part)
 
+    @property
+    def table(self) -> "_Joined":
+        """The two token tables side by side: table[i] is a (d1 + d2,) [clip_l | clip_g] row (an init vector)."""
+        return _Joined(self.encoders[0].table, self.encoders[1].table)
+
+    @property
+    def session(self):
+        return self.encoders[0].session          # its batch axis is the pair's (exported alike)
+
+    def prompt_rows(self, prompt: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        """((77,) ids, (77, d1 + d2) token rows of both encoders side by side, {"ids_2": encoder 2's (77,) ids})."""
+        ids_1, ids_2 = (enc.tokenizer([prompt])[0] for enc in self.encoders)
+        rows = np.concatenate([enc.token_embeds(i[None])[0] for enc, i in zip(self.encoders, (ids_1, ids_2))], -1)
+        return ids_1, rows, {"ids_2": ids_2}
+
+    def conditioning(self, embeds: np.ndarray, extra: dict, rows: int) -> dict[str, np.ndarray]:
+        """(P, 77, d1 + d2) token rows -> {encoder_hidden_states (P, 77, d1 + d2), text_embeds (P, p)}: both
+        encoders, pooled where encoder 2 pools for these ids (a placeholder's position under SDXL's argmax)."""
+        d1 = self.dims[0]
+        ids_2 = np.repeat(extra["ids_2"][None], len(embeds), axis=0)
+        hidden, pooled = self.encode_embeds((embeds[..., :d1], embeds[..., d1:]), ids_2, rows)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+
     def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(B, 77) ids for each encoder (they differ only in padding)."""
         return tuple(enc.tokenizer(prompts) for enc in self.encoders)
@@ -149,6 +182,17 @@ class SdxlTextEncoder:
         ids = self.tokenize(prompts)
         embeds = tuple(enc.token_embeds(i) for enc, i in zip(self.encoders, ids))
         return self.encode_embeds(embeds, ids[1], rows)
+
+
+class _Joined:
+    """Two (V, d1), (V, d2) token tables read as one (V, d1 + d2) table (rows copied on read)."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray):
+        self.a, self.b = a, b
+        self.shape = (a.shape[0], a.shape[1] + b.shape[1])
+
+    def __getitem__(self, ids) -> np.ndarray:
+        return np.concatenate([np.asarray(self.a[ids], np.float32), np.asarray(self.b[ids], np.float32)], axis=-1)
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

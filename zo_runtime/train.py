@@ -98,10 +98,11 @@ def _save(out: Path, run: obj.Objective, state: zo.ZOState, tracker: Tracker) ->
     atomic_savez(out / CHECKPOINT, **state.arrays(), **tracker.arrays(), config=np.array(json.dumps(cfg.as_dict())),
                  fingerprint=np.array(json.dumps(run.fingerprint)))
     last = state.v.reshape(run.v0.shape)
+    split = run.text.dims if run.model.is_xl else None      # SDXL: A1111's clip_l / clip_g file
     if not cfg.early_stop:
-        return save_learned_embeds(out / EMBEDS, cfg.token, last)
-    save_learned_embeds(out / LAST_EMBEDS, cfg.token, last)
-    return save_learned_embeds(out / EMBEDS, cfg.token, tracker.best_v.reshape(run.v0.shape))
+        return save_learned_embeds(out / EMBEDS, cfg.token, last, split)
+    save_learned_embeds(out / LAST_EMBEDS, cfg.token, last, split)
+    return save_learned_embeds(out / EMBEDS, cfg.token, tracker.best_v.reshape(run.v0.shape), split)
 
 
 def _write_config(out: Path, run: obj.Objective, images_dir, plan: pl.Plan | None = None) -> None:
@@ -152,12 +153,12 @@ def _step(run: obj.Objective, ev: obj.Evaluator, state: zo.ZOState, buf: obj.Buf
     t_session = time.perf_counter() - t1
     if not np.isfinite(losses).all():
         raise FloatingPointError(
-            f"loss is not finite at step {step} ({losses.tolist()}, t={drawn[3]}, prompt {drawn[0]!r}): the model "
+            f"loss is not finite at step {step} ({losses.tolist()}, t={drawn.t}, prompt {drawn.prompt!r}): the model "
             f"overflowed or v diverged. The last good checkpoint ({CHECKPOINT}, every "
             f"{cfg.save_every or cfg.steps} steps) is intact: lower --lr or --set mu=... and resume, or check the model")
     projected = int(state.basis.shape[0]) if cfg.subspace else 0   # dims removed from this step's g
     g = zo.update(state, losses, cfg.seed, cfg.zo, run.dirs)    # 5-7. estimate, project, Adam, PCA refresh
-    return {"step": step, "loss": float(losses[0]), "t": drawn[3], "grad_norm": float(np.linalg.norm(g)),
+    return {"step": step, "loss": float(losses[0]), "t": drawn.t, "grad_norm": float(np.linalg.norm(g)),
             "projected_dims": projected, "session_seconds": round(t_session, 6)}
 
 
