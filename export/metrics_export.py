@@ -15,7 +15,6 @@ call; the metrics embed photo sets and prompts separately, so each tower is its 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile

@@ -7,7 +7,24 @@ CLIP BPE tokenizer zoodip ships (zo_runtime/assets/clip-bpe). Latents 16x16 (32 
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+
+# Python that makes torch & co. unimportable: a script after it proves its code path runs without them.
+BLOCK_HEAVY = """import sys
+class Block:
+    def find_spec(self, name, *args):
+        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'optimum'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where torch, diffusers, transformers and optimum cannot be imported."""
+    return subprocess.run([sys.executable, "-c", BLOCK_HEAVY + code], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session")

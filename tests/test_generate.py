@@ -1,11 +1,11 @@
 """Torch-free generation vs diffusers' StableDiffusionPipeline on tiny models; files, determinism, errors."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import run_without_torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -204,21 +204,13 @@ def test_bad_embeds_files_give_clear_errors(tiny_exported, tmp_path):
 
 
 def test_generation_runs_where_torch_cannot_be_imported(tiny_exported, tmp_path):
-    import subprocess
-    import sys
     embeds = _embeds(tmp_path / "e.safetensors", _dim(tiny_exported))
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, *args):
-        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'optimum'):
-            raise ImportError('blocked ' + name)
-sys.meta_path.insert(0, Block())
 from zo_runtime.generate import GenerateConfig, generate
 generate({str(tiny_exported)!r}, [{str(embeds)!r}], {PROMPT!r}, {str(tmp_path / 'o')!r},
          GenerateConfig(n=1, steps=2, provider='cpu', progress=False))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = run_without_torch(code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "000.png").is_file()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_without_torch
 import torch
 
 from zo_runtime.embeds import load_learned_embeds, save_learned_embeds
@@ -357,22 +358,14 @@ def test_micro_conditioning_is_refused_for_sd_models(tiny_exported):
 
 
 def test_sdxl_generation_runs_where_torch_cannot_be_imported(xl_exported, tmp_path):
-    import subprocess
-    import sys
     model = ModelDir.open(xl_exported)
     embeds = save_learned_embeds(tmp_path / "e.safetensors", TOKEN, _vectors(model), split=(32, 48))
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, *args):
-        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'optimum'):
-            raise ImportError('blocked ' + name)
-sys.meta_path.insert(0, Block())
 from zo_runtime.generate import GenerateConfig, generate
 generate({str(xl_exported)!r}, [{str(embeds)!r}], {PROMPT!r}, {str(tmp_path / 'o')!r},
          GenerateConfig(n=1, steps=2, scheduler='euler', provider='cpu', progress=False))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = run_without_torch(code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "000.png").is_file()
 
@@ -439,19 +432,11 @@ def test_training_sdxl_resumes_exactly_and_diffusers_loads_the_result(xl_exporte
 
 
 def test_training_sdxl_runs_where_torch_cannot_be_imported(xl_exported, photos, tmp_path):
-    import subprocess
-    import sys
     code = f"""
-import sys
-class Block:
-    def find_spec(self, name, *args):
-        if name.split('.')[0] in ('torch', 'diffusers', 'transformers', 'optimum'):
-            raise ImportError('blocked ' + name)
-sys.meta_path.insert(0, Block())
 from zoodip.cli import main
 main(['train', {str(xl_exported)!r}, '--images', {str(photos)!r}, '--token', 'sks', '--init', 'dog', '--out',
       {str(tmp_path / 'o')!r}, '--steps', '2', '--set', 'progress=false'], standalone_mode=False)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = run_without_torch(code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "learned_embeds.safetensors").is_file()

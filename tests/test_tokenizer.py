@@ -1,5 +1,4 @@
 """The torch-free CLIP tokenizer matches transformers' CLIPTokenizer id for id."""
-from pathlib import Path
 
 import numpy as np
 import pytest

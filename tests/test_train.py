@@ -284,7 +284,6 @@ def test_personalize_chains_stages_and_reuses_them(tiny_exported, images, tmp_pa
 def test_unet_batch_and_single_give_the_same_losses(tiny_exported, images, tmp_path):
     runs = {mode: O.open_objective(tiny_exported, images, tmp_path, quick(unet_batch=mode)) for mode in ("batch", "single")}
     assert (runs["batch"].unet_rows, runs["single"].unet_rows) == (3, 1)
-    cfg = quick()
     _, base, rows, t, x_t, target, _ = O.draw(runs["batch"], zo.step_rng(0, 1))
     emb = np.repeat(base[None], 3, axis=0)
     for r in rows:

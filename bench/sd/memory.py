@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import common
-from .shared import DEFAULT_IMAGES, GOAL_RSS_RATIO, GOAL_STEP_SLACK, default_photos
+from .shared import DEFAULT_IMAGES, GOAL_RSS_RATIO, default_photos
 
 # Folder suffix -> scheme, in the order they are run and shown (fp32 first: the unquantized baseline).
 SCHEME_SUFFIXES = {"onnx": "fp32", "w8": "w8", "w4": "w4", "w8a8": "w8a8", "fp16": "fp16"}
