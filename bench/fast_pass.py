@@ -1,0 +1,228 @@
+"""Where a UNet pass spends its time, and which engine and settings run it fastest.
+
+    python -m bench.fast_pass profile runs/sd15-onnx runs/sd15-w8 --out bench/results/fast_pass_profile.json
+    python -m bench.fast_pass engines --models runs/sd15-onnx runs/sd15-w8 --configs ort ort-nospin \\
+        --out bench/results/fast_pass_engines.json
+    python -m bench.fast_pass engines --python .venv-openvino/bin/python --models ... --configs ov-f32 ov-bf16 ... \\
+        --out bench/results/fast_pass_engines.json --merge
+
+profile: onnxruntime's own profiler (SessionOptions.enable_profiling) over a few UNet passes at 512 px, batch 1,
+kernel time summed by op type and by UNet node group (export.int8_compute.GROUPS). engines: the same pass under
+each engine configuration (CONFIGS), each model and configuration in its own fresh process (so OpenVINO runs
+from its own venv with `--python`), median of `--repeats` passes after one warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import common
+
+# Engine configurations: provider, provider options, session config entries, intra-op threads (0: all cores).
+OV_NO_DYNQ = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}     # zoodip's OpenVINO default (providers.DEFAULT_OPTIONS)
+CONFIGS = {
+    "ort": {"provider": "cpu"},                                            # zoodip's session, as the trainer runs it
+    "ort-nospin": {"provider": "cpu", "session": {"session.intra_op.allow_spinning": "0"}},
+    "ort-1thread": {"provider": "cpu", "threads": 1},
+    "ort-arena": {"provider": "cpu", "arena": True},                       # arena on (zoodip turns it off for memory)
+    "ov-f32": {"provider": "openvino", "ov": {**OV_NO_DYNQ, "INFERENCE_PRECISION_HINT": "f32"}},
+    "ov-bf16": {"provider": "openvino", "ov": {**OV_NO_DYNQ, "INFERENCE_PRECISION_HINT": "bf16"}},
+    "ov-f32-dynq": {"provider": "openvino", "ov": {"INFERENCE_PRECISION_HINT": "f32"}},   # OpenVINO's own dynamic quantization
+    "ov-bf16-dynq": {"provider": "openvino", "ov": {"INFERENCE_PRECISION_HINT": "bf16"}},
+}
+
+
+def unet_feeds(model, resolution: int, batch: int = 1, seed: int = 0) -> dict:
+    """Seeded random UNet inputs of the real shapes (the trainer's: sample, a PUTS timestep, text states)."""
+    rng = np.random.default_rng(seed)
+    shape = model.inputs["timestep"].shape
+    t = np.array(700.0, np.float32) if not shape else np.full([batch] * len(shape), 700.0, np.float32)
+    return {"sample": rng.standard_normal((batch, 4, resolution // 8, resolution // 8), dtype=np.float32),
+            "timestep": t,
+            "encoder_hidden_states": rng.standard_normal((batch, 77, 768), dtype=np.float32)}
+
+
+class _Unet:
+    """The UNet of a model folder in a session set up as zoodip's OnnxModel does, plus `config`'s settings."""
+
+    def __init__(self, folder: str, config: dict, profile_prefix: str | None = None):
+        import onnxruntime as ort
+        from zo_runtime import providers as prov
+        from zo_runtime.model_dir import ModelDir
+        from zo_runtime.session import fix_malloc_mmap_threshold
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = config.get("threads", 0)
+        so.enable_cpu_mem_arena = bool(config.get("arena", False))     # zoodip: off (memory is the product)
+        for k, v in config.get("session", {}).items():
+            so.add_session_config_entry(k, v)
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        fix_malloc_mmap_threshold()
+        options = None
+        if config.get("ov"):
+            options = {"device_type": "CPU", "load_config": json.dumps({"CPU": config["ov"]})}
+        providers = prov.session_providers(config.get("provider", "cpu"), options)
+        self.session = ort.InferenceSession(str(ModelDir.open(folder).onnx("unet")), so, providers=providers)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.provider = self.session.get_providers()[0]
+
+    def run(self, feeds: dict):
+        return self.session.run(None, feeds)
+
+
+def time_pass(folder: str, config: dict, resolution: int, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    model = _Unet(folder, config)
+    load = time.perf_counter() - t0
+    feeds = unet_feeds(model, resolution)
+    model.run(feeds)                                   # warm-up
+    secs, cpu = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        model.run(feeds)
+        secs.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return {"unet_pass_s": common.time_stats(secs), "cpu_s_median": round(float(np.median(cpu)), 3),
+            "load_s": round(load, 2), "provider": model.provider, "peak_rss_gb": common.gib(common.peak_rss_bytes())}
+
+
+def profile_pass(folder: str, resolution: int, repeats: int, prefix: str) -> dict:
+    """Kernel time by op type and by node group, averaged over `repeats` profiled passes (after a warm-up)."""
+    from export.int8_compute import GROUPS
+
+    model = _Unet(folder, CONFIGS["ort"], prefix)
+    feeds = unet_feeds(model, resolution)
+    model.run(feeds)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.run(feeds)
+    wall = (time.perf_counter() - t0) / repeats
+    path = model.session.end_profiling()
+    events = json.loads(Path(path).read_text())
+    Path(path).unlink()
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    start = runs[1]["ts"] if len(runs) > 1 else 0            # skip the warm-up run
+    by_op: dict[str, float] = {}
+    by_group: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start:
+            continue
+        op = e["args"].get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e6 / repeats
+        name = e["name"][:-len("_kernel_time")]
+        group = next((g for g, p in GROUPS.items() if re.search(p, name)), None)
+        if group is None:
+            group = "attention scores+softmax" if re.search(r"/attn[12]/", name) else "other (norms, activations, ...)"
+        by_group[group] = by_group.get(group, 0.0) + e["dur"] / 1e6 / repeats
+    total = sum(by_op.values())
+    rnd = lambda d: {k: {"s": round(v, 3), "share": round(v / total, 4)}
+                     for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
+    return {"wall_s_per_pass": round(wall, 3), "kernel_s_per_pass": round(total, 3), "by_op_type": rnd(by_op),
+            "by_group": rnd(by_group), "repeats": repeats}
+
+
+def _scheme(folder: str) -> str:
+    return json.loads((Path(folder) / "manifest.json").read_text()).get("scheme") or "fp32"
+
+
+def run_profile(models: list[str], resolution: int, repeats: int, out: Path, merge: bool) -> Path:
+    result = json.loads(out.read_text()) if merge and out.is_file() else {"models": {}}
+    result.update(machine=common.machine_facts(), resolution=resolution,
+                  command="python -m bench.fast_pass " + " ".join(sys.argv[1:]))
+    for folder in models:
+        print(f"[fast_pass] profile {folder} ...", flush=True)
+        res = common.run_isolated("bench.fast_pass", ["worker-profile", folder, "--resolution", str(resolution),
+                                                      "--repeats", str(repeats)])
+        res["folder"] = folder
+        result["models"][_scheme(folder)] = res
+        top = list(res["by_op_type"].items())[:6]
+        print(f"[fast_pass]   {res['wall_s_per_pass']} s/pass; " + ", ".join(f"{k} {v['share']:.0%}" for k, v in top),
+              flush=True)
+    result["machine_after"] = {"loadavg_1_5_15": common.machine_facts()["loadavg_1_5_15"]}
+    return common.write_json(out, result)
+
+
+def run_engines(models: list[str], configs: list[str], python: str, resolution: int, repeats: int, out: Path,
+                merge: bool) -> Path:
+    result = json.loads(out.read_text()) if merge and out.is_file() else {"runs": {}}
+    result.setdefault("commands", []).append("python -m bench.fast_pass " + " ".join(sys.argv[1:]))
+    result["machine"] = common.machine_facts()
+    for folder in models:
+        for name in configs:
+            key = f"{_scheme(folder)} {name}"
+            print(f"[fast_pass] {key} ...", flush=True)
+            args = ["-m", "bench.fast_pass", "worker-engine", folder, name, "--resolution", str(resolution),
+                    "--repeats", str(repeats)]
+            try:
+                res = _isolated(python, args)
+            except RuntimeError as err:
+                res = {"error": str(err)}
+            res.update(folder=folder, config=name, settings=CONFIGS[name])
+            result["runs"][key] = res
+            print(f"[fast_pass]   {res.get('unet_pass_s', {}).get('median')} s ({res.get('provider', res.get('error'))})",
+                  flush=True)
+            common.write_json(out, result)
+    return common.write_json(out, result)
+
+
+def _isolated(python: str, args: list[str]) -> dict:
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="zoodip-fast-") as tmp:
+        res_path = Path(tmp) / "result.json"
+        log = Path(tmp) / "log.txt"
+        proc = common.run_measured([python, *args, "--result", str(res_path)], log, timeout=3600)
+        if proc["returncode"]:
+            raise RuntimeError(f"exit {proc['returncode']}: {log.read_text()[-800:]}")
+        data = json.loads(res_path.read_text())
+    data["process"] = proc
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("profile")
+    pr.add_argument("models", nargs="+")
+    en = sub.add_parser("engines")
+    en.add_argument("--models", nargs="+", required=True)
+    en.add_argument("--configs", nargs="+", default=["ort"], choices=list(CONFIGS))
+    en.add_argument("--python", default=sys.executable, help="interpreter of the engine's venv (OpenVINO: .venv-openvino)")
+    for q in (pr, en):
+        q.add_argument("--resolution", type=int, default=512)
+        q.add_argument("--repeats", type=int, default=3)
+        q.add_argument("--out", type=Path, required=True)
+        q.add_argument("--merge", action="store_true", help="keep earlier entries of --out")
+    for name in ("worker-profile", "worker-engine"):
+        w = sub.add_parser(name)
+        w.add_argument("folder")
+        if name == "worker-engine":
+            w.add_argument("config", choices=list(CONFIGS))
+        w.add_argument("--resolution", type=int, default=512)
+        w.add_argument("--repeats", type=int, default=3)
+        w.add_argument("--result", required=True)
+    a = p.parse_args(argv)
+    if a.cmd == "worker-profile":
+        res = profile_pass(a.folder, a.resolution, a.repeats, str(Path(a.result).with_suffix("")))
+        res["machine"] = common.machine_facts()
+        common.write_json(a.result, res)
+    elif a.cmd == "worker-engine":
+        res = time_pass(a.folder, CONFIGS[a.config], a.resolution, a.repeats)
+        res["machine"] = common.machine_facts()
+        common.write_json(a.result, res)
+    elif a.cmd == "profile":
+        print(f"wrote {run_profile(a.models, a.resolution, a.repeats, a.out, a.merge)}")
+    else:
+        print(f"wrote {run_engines(a.models, a.configs, a.python, a.resolution, a.repeats, a.out, a.merge)}")
+
+
+if __name__ == "__main__":
+    main()
