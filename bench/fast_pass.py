@@ -5,6 +5,7 @@
         --out bench/results/fast_pass_engines.json
     python -m bench.fast_pass engines --python .venv-openvino/bin/python --models ... --configs ov-f32 ov-bf16 ... \\
         --out bench/results/fast_pass_engines.json --merge
+    python -m bench.fast_pass toy-model runs/toy_quality/models    # w8-fast beside bench.toy_quality's fp32/w8
 
 profile: onnxruntime's own profiler (SessionOptions.enable_profiling) over a few UNet passes at 512 px, batch 1,
 kernel time summed by op type and by UNet node group (export.int8_compute.GROUPS). engines: the same pass under
@@ -187,9 +188,19 @@ def _isolated(python: str, args: list[str]) -> dict:
     return data
 
 
+def toy_model(models: Path) -> Path:
+    """MODELS/w8-fast from bench.toy_quality's MODELS/fp32 and MODELS/calib (zoodip_fast's model)."""
+    from export.quantize import QuantizeConfig, quantize_model
+    if not (models / "fp32").is_dir():
+        raise FileNotFoundError(f"{models}/fp32 is missing: run bench.toy_quality once (it exports the toy model)")
+    return quantize_model(models / "fp32", models / "w8-fast",
+                          QuantizeConfig(scheme="w8-fast", calib_images=str(models / "calib")))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("toy-model").add_argument("models", type=Path)
     pr = sub.add_parser("profile")
     pr.add_argument("models", nargs="+")
     en = sub.add_parser("engines")
@@ -210,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         w.add_argument("--repeats", type=int, default=3)
         w.add_argument("--result", required=True)
     a = p.parse_args(argv)
-    if a.cmd == "worker-profile":
+    if a.cmd == "toy-model":
+        print(f"wrote {toy_model(a.models)}")
+    elif a.cmd == "worker-profile":
         res = profile_pass(a.folder, a.resolution, a.repeats, str(Path(a.result).with_suffix("")))
         res["machine"] = common.machine_facts()
         common.write_json(a.result, res)
