@@ -6,6 +6,8 @@
     python -m bench.fast_pass engines --python .venv-openvino/bin/python --models ... --configs ov-f32 ov-bf16 ... \\
         --out bench/results/fast_pass_engines.json --merge
     python -m bench.fast_pass toy-model runs/toy_quality/models    # w8-fast beside bench.toy_quality's fp32/w8
+    python -m bench.fast_pass build runs/sd15-onnx runs/sd15-w8 runs/sd15-v-static --plan resnet=static,conv=static
+    python -m bench.fast_pass toy-ratio TOY_QUALITY.json ... --method zoodip_fast --reference zoodip --out FILE.json
 
 profile: onnxruntime's own profiler (SessionOptions.enable_profiling) over a few UNet passes at 512 px, batch 1,
 kernel time summed by op type and by UNet node group (export.int8_compute.GROUPS). engines: the same pass under
@@ -132,7 +134,9 @@ def profile_pass(folder: str, resolution: int, repeats: int, prefix: str) -> dic
 
 
 def _scheme(folder: str) -> str:
-    return json.loads((Path(folder) / "manifest.json").read_text()).get("scheme") or "fp32"
+    """The result key of a model folder: its scheme, or the folder's name for timing-only variants."""
+    m = json.loads((Path(folder) / "manifest.json").read_text())
+    return Path(folder).name if m.get("variant") else m.get("scheme") or "fp32"
 
 
 def run_profile(models: list[str], resolution: int, repeats: int, out: Path, merge: bool) -> Path:
@@ -188,6 +192,60 @@ def _isolated(python: str, args: list[str]) -> dict:
     return data
 
 
+def build_variant(export: Path, w8: Path, out: Path, plan: str, calib_px: int = 256) -> Path:
+    """A timing-only w8-fast variant: OUT = the w8 folder (hard links) with the export's UNet rewritten by `plan`.
+
+    No gates (bench.int8_groups measures those on the toy model); static ranges come from two random inputs at
+    calib_px, which sets the kernels but not meaningful scales: for pass times and memory only.
+    """
+    import os
+    import shutil
+    import onnx
+    from export.quantize import QuantizeConfig, _w8_fast, save_model
+    from zo_runtime.model_dir import ModelDir
+
+    if out.exists():
+        print(f"{out} exists; reusing it")
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(w8, tmp, copy_function=os.link, ignore=lambda d, names: names if Path(d).name == "unet" else [])
+    src = ModelDir.open(export)
+    rng = np.random.default_rng(0)
+    feeds = lambda: [{"sample": rng.standard_normal((1, 4, calib_px // 8, calib_px // 8), dtype=np.float32),
+                      "timestep": np.array(700.0, np.float32),
+                      "encoder_hidden_states": rng.standard_normal((1, 77, src.dim), dtype=np.float32)} for _ in range(2)]
+    model = _w8_fast(onnx.load(str(src.onnx("unet"))), "unet", src.onnx("unet"),
+                     QuantizeConfig(scheme="w8-fast", int8_plan=plan), feeds)
+    save_model(model, tmp / "unet" / "model.onnx")
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest.update(scheme="w8-fast", variant={"plan": plan, "timing_only": True}, gates=None, files={})
+    (tmp / "manifest.json").unlink()           # a hard link to w8's: write a new file, not through the link
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    tmp.rename(out)
+    return out
+
+
+def toy_ratio(files: list[Path], method: str, reference: str) -> dict:
+    """Paired ratio of `method`'s final concept fidelity to `reference`'s over every (draw, concept) run, with
+    bench.toy_pool's bootstrap interval, and the two pooled curves."""
+    from .toy_pool import pooled_curve, ratio_interval, units
+
+    rows = [r for r in units([json.loads(f.read_text()) for f in files]) if method in r and reference in r]
+    if not rows:
+        raise ValueError(f"no concept run has both {method} and {reference}")
+    ours, ref = (np.array([r[k] for r in rows]) for k in (method, reference))
+    ratio, lo, hi = ratio_interval(ours, ref)
+    return {"method": method, "reference": reference, "runs": len(rows),
+            "draws": sorted({r["draw"] for r in rows}), "concept_fidelity": round(float(ours.mean()), 4),
+            "reference_fidelity": round(float(ref.mean()), 4), "ratio": round(ratio, 3),
+            "ratio_ci95": [round(lo, 3), round(hi, 3)], "wins": int(np.sum(ours > ref)),
+            "losses": int(np.sum(ours < ref)), "per_run": [{k: r[k] for k in ("draw", "concept", method, reference)}
+                                                           for r in rows],
+            "curves": {m: pooled_curve(rows, m) for m in (method, reference)},
+            "files": [str(f) for f in files]}
+
+
 def toy_model(models: Path) -> Path:
     """MODELS/w8-fast from bench.toy_quality's MODELS/fp32 and MODELS/calib (zoodip_fast's model)."""
     from export.quantize import QuantizeConfig, quantize_model
@@ -201,6 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("toy-model").add_argument("models", type=Path)
+    b = sub.add_parser("build")
+    for name in ("export", "w8", "out"):
+        b.add_argument(name, type=Path)
+    b.add_argument("--plan", required=True, help="int8 plan (export.quantize.parse_plan); '' = w8 + fused attention")
+    t = sub.add_parser("toy-ratio")
+    t.add_argument("results", nargs="+", type=Path)
+    t.add_argument("--method", default="zoodip_fast")
+    t.add_argument("--reference", default="zoodip")
+    t.add_argument("--out", type=Path, required=True)
     pr = sub.add_parser("profile")
     pr.add_argument("models", nargs="+")
     en = sub.add_parser("engines")
@@ -223,6 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.cmd == "toy-model":
         print(f"wrote {toy_model(a.models)}")
+    elif a.cmd == "toy-ratio":
+        res = toy_ratio(a.results, a.method, a.reference)
+        res["command"] = "python -m bench.fast_pass " + " ".join(sys.argv[1:] if argv is None else argv)
+        common.write_json(a.out, res)
+        print(f"{a.method} / {a.reference}: {res['ratio']} (95% {res['ratio_ci95'][0]}-{res['ratio_ci95'][1]}) over "
+              f"{res['runs']} runs; {res['concept_fidelity']} vs {res['reference_fidelity']}")
+    elif a.cmd == "build":
+        print(f"wrote {build_variant(a.export, a.w8, a.out, a.plan)}")
     elif a.cmd == "worker-profile":
         res = profile_pass(a.folder, a.resolution, a.repeats, str(Path(a.result).with_suffix("")))
         res["machine"] = common.machine_facts()

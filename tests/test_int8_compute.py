@@ -178,3 +178,16 @@ def test_fused_attention_is_exact(tiny_exported):
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_manifest_tells_the_trainer_its_mu(fast, tiny_exported):
+    """ModelDir.train_mu / mu_warning: what `zoodip train` reads from a w8-fast manifest."""
+    m = fast.manifest
+    assert fast.train_mu(1e-3) == m["train_defaults"].get("mu", 1e-3)
+    assert ModelDir.open(tiny_exported).train_mu(1e-3) == 1e-3 and ModelDir.open(tiny_exported).mu_warning(1e-4) is None
+    if m["zo_validated_mus"]:
+        low = min(m["zo_validated_mus"])
+        assert fast.mu_warning(low) is None and fast.mu_warning(1.0) is None
+        assert f"--mu {low:g}" in fast.mu_warning(low / 10)
+    else:
+        assert "--scheme w8" in fast.mu_warning(1e-3)

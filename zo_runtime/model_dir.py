@@ -80,6 +80,31 @@ class ModelDir:
         """(vocab, d) token embeddings, memory-mapped (never copied)."""
         return np.load(self.root / "text_encoder" / "token_embeddings.npy", mmap_mode="r")
 
+    def train_mu(self, default: float) -> float:
+        """The mu to train at when the user sets none: the manifest's train_defaults (w8-fast), else `default`."""
+        return float(self.manifest.get("train_defaults", {}).get("mu", default))
+
+    def mu_warning(self, mu: float) -> str | None:
+        """Why training at `mu` is outside what this model's quantization validated (None: inside, or unknown).
+
+        Rounding noise in the finite differences shrinks as mu grows, so a mu at or above the smallest validated
+        one is covered; folders quantized before `zo_validated_mus` existed say nothing.
+        """
+        validated = self.manifest.get("zo_validated_mus")
+        if validated is None:
+            return None
+        scheme = self.manifest.get("scheme")
+        if not validated:
+            return (f"{self.root} ({scheme}) passed its ZO gate at no mu: its finite differences may be rounding "
+                    "noise. Re-quantize with --scheme w8")
+        if mu >= min(validated) * (1 - 1e-9):
+            return None
+        corr = self.manifest.get("gates", {}).get("zo", {}).get(f"{mu:g}", {}).get("corr")
+        seen = f" (ZO correlation {corr:.2f} there)" if corr is not None else ""
+        return (f"--mu {mu:g} is below the smallest mu {self.root} ({scheme}) was validated for, {min(validated):g}"
+                f"{seen}: its int8 rounding may drown the finite differences. Pass --mu {min(validated):g} "
+                "(or leave --mu unset), or train on a --scheme w8 model")
+
     def alphas_cumprod(self) -> np.ndarray:
         """(T,) float64 cumulative alphas of the training noise schedule (SD: scaled_linear)."""
         m = self.manifest
