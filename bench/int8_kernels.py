@@ -5,7 +5,8 @@
 Each op is a one-node (or one-pattern) ONNX model built from export.int8_compute, run through onnxruntime's
 CPU provider with zoodip's session settings. Shows which kernels are fast on this CPU before any graph is
 rewritten: w8 today (MatMulNBits fp32 compute, DequantizeLinear -> Conv), MatMulNBits int8 compute
-(block 32/64/128), dynamic (DynamicQuantizeMatMul, ConvInteger) and static (QLinearMatMul, QLinearConv).
+(block 32/64/128), dynamic (DynamicQuantizeMatMul, ConvInteger) and static (QLinearMatMul, QLinearConv); and
+one 64x64 self-attention head-sliced (as exported) vs onnxruntime's fused MultiHeadAttention.
 """
 from __future__ import annotations
 
@@ -83,9 +84,71 @@ def time_model(model: onnx.ModelProto, x: np.ndarray, repeats: int) -> tuple[dic
     return {"median_ms": round(float(np.median(secs)) * 1e3, 3), "min_ms": round(min(secs) * 1e3, 3)}, y
 
 
+def attention_model(tokens: int, heads: int, head_dim: int, fused: bool) -> onnx.ModelProto:
+    """Self-attention of q, k, v (1, T, H*d): head-sliced as zoodip exports it, or one MultiHeadAttention."""
+    from export.fused_attention import MS_DOMAIN
+    c = heads * head_dim
+    io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, tokens, c]) for x in "qkv"]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, c])]
+    if fused:
+        nodes = [helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain=MS_DOMAIN, num_heads=heads)]
+        graph = helper.make_graph(nodes, "attn", io, out)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)])
+        model.ir_version = 8
+        return model
+    inits = [numpy_helper.from_array(np.array([1, tokens, heads, head_dim], np.int64), "shape"),
+             numpy_helper.from_array(np.array(head_dim ** -0.5, np.float32), "scale"),
+             numpy_helper.from_array(np.array([1, tokens, c], np.int64), "merged"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    nodes = []
+    for x, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("Reshape", [x, "shape"], [f"{x}_4d"]), helper.make_node("Transpose", [f"{x}_4d"], [f"{x}h"], perm=perm)]
+    outs = []
+    for h in range(heads):        # one (T, T) score matrix at a time, as export/attention.py writes it
+        inits += [numpy_helper.from_array(np.array([h], np.int64), f"s{h}"),
+                  numpy_helper.from_array(np.array([h + 1], np.int64), f"e{h}")]
+        nodes += [helper.make_node("Slice", [f"{x}h", f"s{h}", f"e{h}", "axis"], [f"{x}{h}"]) for x in "qkv"]
+        nodes += [helper.make_node("MatMul", [f"q{h}", f"k{h}"], [f"m{h}"]),
+                  helper.make_node("Mul", [f"m{h}", "scale"], [f"ms{h}"]),
+                  helper.make_node("Softmax", [f"ms{h}"], [f"p{h}"], axis=-1),
+                  helper.make_node("MatMul", [f"p{h}", f"v{h}"], [f"o{h}"])]
+        outs.append(f"o{h}")
+    nodes += [helper.make_node("Concat", outs, ["cat"], axis=1), helper.make_node("Transpose", ["cat"], ["t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["t", "merged"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "attn", io, out, inits), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def measure_attention(repeats: int) -> list[dict]:
+    """SD 1.5's 64x64 self-attention (4096 tokens, 8 heads of 40): head-sliced vs fused, fp32 both."""
+    import onnxruntime as ort
+    rng = np.random.default_rng(0)
+    feeds = {x: rng.standard_normal((1, 4096, 320), dtype=np.float32) for x in "qkv"}
+    rows, ref = [], None
+    for kernel, fused in (("sliced", False), ("fused", True)):
+        so = ort.SessionOptions()
+        so.enable_cpu_mem_arena = False
+        sess = ort.InferenceSession(attention_model(4096, 8, 40, fused).SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        y = sess.run(None, feeds)[0]
+        ref = y if ref is None else ref
+        secs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            secs.append(time.perf_counter() - t0)
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        rows.append({"op": "self-attention 64x64 (4096 tokens, 8 x 40)", "kernel": kernel,
+                     "median_ms": round(float(np.median(secs)) * 1e3, 3), "min_ms": round(min(secs) * 1e3, 3),
+                     "rel_error": round(err, 8)})
+        print(f"{rows[-1]['op']:42s} {kernel:9s} {rows[-1]['median_ms']:9.2f} ms  rel.err {err:.2e}", flush=True)
+    return rows
+
+
 def measure(repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
-    rows = []
+    rows = measure_attention(repeats)
     for name, op, x_shape, w_shape in SHAPES:
         # SiLU/LayerNorm-like activations with a few outlier channels, as SD's residual stream has.
         x = rng.standard_normal(x_shape).astype(np.float32)
