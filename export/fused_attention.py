@@ -31,10 +31,11 @@ def _attention_prefixes(graph: onnx.GraphProto) -> dict[str, dict]:
     return {p: e for p, e in found.items() if {"q", "k", "v", "out"} <= set(e)}
 
 
-def fuse_attention(model: onnx.ModelProto) -> int:
+def fuse_attention(model: onnx.ModelProto, renamed: dict[str, str] | None = None) -> int:
     """Rewrite `model` in place: each head-sliced attention -> one MultiHeadAttention. Returns the count.
 
     Only head-sliced attention is recognised (2 products per head, at least 2 heads); anything else is left.
+    renamed: filled with {new tensor: the tensor of the unfused graph with the same values} (each to_out input).
     """
     graph = model.graph
     fused = 0
@@ -48,6 +49,8 @@ def fuse_attention(model: onnx.ModelProto) -> int:
                                name=f"{prefix}MultiHeadAttention", num_heads=products // 2)
         idx = list(graph.node).index(out_node)
         graph.node.insert(idx, mha)
+        if renamed is not None:
+            renamed[merged] = out_node.input[0]
         out_node.input[0] = merged
         fused += 1
     if fused:

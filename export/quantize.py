@@ -324,14 +324,16 @@ def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feed
 def _w8_fast(model: onnx.ModelProto, sub: str, src: Path, cfg: QuantizeConfig, feeds) -> onnx.ModelProto:
     """w8 with int8 compute on the UNet's planned groups (text encoder and VAE: w8 as is)."""
     plan = cfg.plan if sub == "unet" else {}
+    renamed: dict[str, str] = {}
     if sub == "unet":
-        fuse_attention(model)                                # exact fp32: faster, no (T, S) score matrices
+        fuse_attention(model, renamed)                       # exact fp32: faster, no (T, S) score matrices
     direct = {g: m for g, m in plan.items() if m in ("dynamic", "static")}
     ranges = None
-    if "static" in direct.values():
+    if "static" in direct.values():                          # calibrated on the unfused source graph
         tensors = ic.static_tensors(model, [g for g, m in direct.items() if m == "static"])
-        found = cal.stream_minmax(src, feeds(), tensors=tensors, chunk=cfg.chunk, desc=f"calibrate {sub}")
-        ranges = {t: tuple(map(float, d.range_value)) for t, d in found.items()}
+        found = cal.stream_minmax(src, feeds(), tensors=[renamed.get(t, t) for t in tensors], chunk=cfg.chunk,
+                                  desc=f"calibrate {sub}")
+        ranges = {t: tuple(map(float, found[renamed.get(t, t)].range_value)) for t in tensors}
     ic.int8_compute(model, direct, ranges)
     blocks = [n.name for g, nodes in ic.weight_nodes(model).items() if plan.get(g) == "block"
               for n in nodes if n.op_type == "MatMul"]

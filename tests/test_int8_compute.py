@@ -191,3 +191,14 @@ def test_manifest_tells_the_trainer_its_mu(fast, tiny_exported):
         assert f"--mu {low:g}" in fast.mu_warning(low / 10)
     else:
         assert "--scheme w8" in fast.mu_warning(1e-3)
+
+
+def test_other_plans_write_their_kernels(tiny_exported, photos, tmp_path):  # noqa: F811
+    """Static and dynamic plans (calibrated on the unfused graph) write QLinear*/dynamic kernels that run."""
+    cfg = QuantizeConfig(scheme="w8-fast", int8_plan="attention=static,resnet=dynamic,time_embedding=dynamic",
+                         calib_images=str(photos), gate=False, **FAST)
+    q = ModelDir.open(quantize_model(tiny_exported, tmp_path / "plan", cfg))
+    nodes = q.manifest["int8_compute"]["nodes"]
+    assert nodes["QLinearMatMul"] > 0 and nodes["ConvInteger"] > 0 and nodes["DynamicQuantizeMatMul"] > 0
+    assert q.manifest["int8_compute"]["fused_attention"] > 0
+    assert np.isfinite(q.manifest["gates"]["zo"]["0.003"]["corr"])
