@@ -5,6 +5,7 @@
         --out bench/results/fast_pass_engines.json
     python -m bench.fast_pass engines --python .venv-openvino/bin/python --models ... --configs ov-f32 ov-bf16 ... \\
         --out bench/results/fast_pass_engines.json --merge
+    python -m bench.fast_pass interleave runs/sd15-w8 runs/sd15-w8-fast --rounds 5 --out bench/results/fast_pass_interleaved.json
     python -m bench.fast_pass toy-model runs/toy_quality/models    # w8-fast beside bench.toy_quality's fp32/w8
     python -m bench.fast_pass build runs/sd15-onnx runs/sd15-w8 runs/sd15-v-static --plan resnet=static,conv=static
     python -m bench.fast_pass toy-ratio TOY_QUALITY.json ... --method zoodip_fast --reference zoodip --out FILE.json
@@ -132,6 +133,31 @@ def profile_pass(folder: str, resolution: int, repeats: int, prefix: str) -> dic
                      for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
     return {"wall_s_per_pass": round(wall, 3), "kernel_s_per_pass": round(total, 3), "by_op_type": rnd(by_op),
             "by_group": rnd(by_group), "repeats": repeats}
+
+
+def interleave(models: list[str], resolution: int, rounds: int) -> dict:
+    """All UNets in one process, one pass each per round (A B C A B C ...): the neighbours' load falls on every
+    model alike, so the per-round ratio to the first model is robust where separate runs are not."""
+    unets = {}
+    for folder in models:
+        t0 = time.perf_counter()
+        unets[folder] = _Unet(folder, CONFIGS["ort"])
+        feeds = unet_feeds(unets[folder], resolution)
+        unets[folder].run(feeds)                                       # warm-up
+        print(f"[fast_pass] loaded {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
+    secs = {f: [] for f in models}
+    for r in range(rounds):
+        for folder, unet in unets.items():
+            t0 = time.perf_counter()
+            unet.run(feeds)
+            secs[folder].append(time.perf_counter() - t0)
+        print(f"[fast_pass] round {r + 1}: " + ", ".join(f"{_scheme(f)} {secs[f][-1]:.2f}" for f in models), flush=True)
+    ref = models[0]
+    return {"reference": _scheme(ref), "resolution": resolution, "rounds": rounds,
+            "models": {_scheme(f): {"folder": f, "unet_pass_s": common.time_stats(secs[f]),
+                                    "ratio_to_reference": common.time_stats([a / b for a, b in zip(secs[f], secs[ref])])}
+                       for f in models},
+            "peak_rss_gb_all_loaded": common.gib(common.peak_rss_bytes())}
 
 
 def _scheme(folder: str) -> str:
@@ -362,6 +388,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("toy-model").add_argument("models", type=Path)
+    il = sub.add_parser("interleave")
+    il.add_argument("models", nargs="+")
+    il.add_argument("--rounds", type=int, default=5)
+    il.add_argument("--resolution", type=int, default=512)
+    il.add_argument("--out", type=Path, required=True)
+    il.add_argument("--merge", action="store_true", help="add this run to --out's runs")
     b = sub.add_parser("build")
     for name in ("export", "w8", "out"):
         b.add_argument(name, type=Path)
@@ -394,7 +426,17 @@ def main(argv: list[str] | None = None) -> None:
         w.add_argument("--repeats", type=int, default=3)
         w.add_argument("--result", required=True)
     a = p.parse_args(argv)
-    if a.cmd == "toy-model":
+    if a.cmd == "interleave":
+        before = common.machine_facts()
+        res = interleave(a.models, a.resolution, a.rounds)
+        res.update(machine=before, loadavg_after=common.machine_facts()["loadavg_1_5_15"],
+                   command="python -m bench.fast_pass " + " ".join(sys.argv[1:] if argv is None else argv))
+        out = json.loads(a.out.read_text()) if a.merge and a.out.is_file() else {"runs": []}
+        out["runs"].append(res)
+        common.write_json(a.out, out)
+        for k, v in res["models"].items():
+            print(f"{k}: {v['unet_pass_s']['median']} s, x{v['ratio_to_reference']['median']} of {res['reference']}")
+    elif a.cmd == "toy-model":
         print(f"wrote {toy_model(a.models)}")
     elif a.cmd == "report":
         text = report(a.results)
