@@ -274,16 +274,18 @@ def _session(aug: onnx.ModelProto, source: Path) -> ort.InferenceSession:
 
 
 def stream_minmax(model_path: str | Path, feeds: Iterable[dict], n: int | None = None,
-                  op_types: list[str] | None = None, chunk: int | None = None, desc: str = "calibrate") -> TensorsData:
+                  op_types: list[str] | None = None, chunk: int | None = None, desc: str = "calibrate",
+                  tensors: list[str] | None = None) -> TensorsData:
     """MinMax activation ranges, one sample at a time, reduced immediately (onnxruntime's MinMax result).
 
     Memory: the Python side never holds weights (graph only); the session holds one copy (no prepacking,
     no arena); each run returns 2 scalars per tensor. `chunk` tensors per pass if one augmented graph is
-    still too large (then the samples run once per chunk, so `feeds` must be re-iterable).
+    still too large (then the samples run once per chunk, so `feeds` must be re-iterable). `tensors`: these
+    tensors instead of those onnxruntime's calibrator would pick for `op_types`.
     """
     model_path = Path(model_path)
     graph = _graph_with_types(model_path)
-    tensors = calibration_tensors(graph, op_types)
+    tensors = sorted(tensors) if tensors is not None else calibration_tensors(graph, op_types)
     feeds = list(feeds) if chunk else feeds
     lo = {t: np.float32(np.inf) for t in tensors}
     hi = {t: np.float32(-np.inf) for t in tensors}

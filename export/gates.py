@@ -26,6 +26,7 @@ ZO_CORR_MIN = 0.7
 PSNR_CAP_DB = 200.0       # identical outputs: a finite number keeps manifest.json plain JSON
 ZO_T_RANGE = (500, 900)   # PUTS range of the method: where the text signal lives
 ZO_SAMPLES = 4            # (x0, t, eps) draws shared round-robin by the directions (common random numbers)
+PERTURBATIONS = ("unit", "train")   # gate 3's directions: unit vectors, or the trainer's N(0, I_d) draws
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,12 +66,15 @@ def output_fidelity(ref_path: Path, q_path: Path, feeds: list[dict], batch: int 
 
 
 def conditioning_fidelity(ref_path: Path, q_path: Path, inputs: RealInputs, alphas: np.ndarray, n: int,
-                          seed: int, batch: int | None) -> dict:
-    """Gate 2: cosine of eps(cond) - eps(uncond), quantized vs fp32, mean and worst over n held-out samples."""
+                          seed: int, batch: int | None, q_provider: tuple = ("cpu", None)) -> dict:
+    """Gate 2: cosine of eps(cond) - eps(uncond), quantized vs fp32, mean and worst over n held-out samples.
+
+    q_provider: (provider, options) the quantized model runs on (the fp32 reference: onnxruntime's CPU).
+    """
     samples = list(unet_samples(inputs, alphas, n, seed))
     diffs = []
-    for path, b in ((ref_path, None), (q_path, batch)):        # one UNet in memory at a time
-        m = OnnxModel(path)
+    for path, b, prov in ((ref_path, None, ("cpu", None)), (q_path, batch, q_provider)):   # one UNet at a time
+        m = OnnxModel(path, *prov)
         ins = m.session.get_inputs()
         d = []
         for i, (x_t, t, _, _) in enumerate(tqdm(samples, desc="gate cond", leave=False)):
@@ -101,8 +105,9 @@ class DiffusionLoss:
     """L(v) = mean((eps_theta(x_t, t, TE(embeds with v at the placeholder)) - eps)^2) on fixed samples."""
 
     def __init__(self, te_paths: tuple[Path, ...], unet_path: Path, batch: int | None, prompt: TIPrompt,
-                 samples: list):
-        self.tes, self.unet = [OnnxModel(p) for p in te_paths], OnnxModel(unet_path)
+                 samples: list, provider: tuple = ("cpu", None)):
+        self.tes = [OnnxModel(p, *provider) for p in te_paths]
+        self.unet = OnnxModel(unet_path, *provider)
         self.prompt, self.samples, self.batch = prompt, samples, batch
 
     def text_inputs(self, v: np.ndarray) -> dict[str, np.ndarray]:
@@ -139,19 +144,26 @@ def finite_differences(loss: DiffusionLoss, v: np.ndarray, z: np.ndarray, mus, b
 
 
 def zo_fidelity(ref: tuple, q: tuple, prompt: TIPrompt, samples: list, v: np.ndarray,
-                mus: tuple[float, ...], directions: int, seed: int) -> dict:
-    """Gate 3: corr over unit directions z of (L(v+mu z)-L(v))/mu, fp32 vs quantized, for each mu.
+                mus: tuple[float, ...], directions: int, seed: int, q_provider: tuple = ("cpu", None),
+                perturbation: str = "unit") -> dict:
+    """Gate 3: corr over directions z of (L(v+mu z)-L(v))/mu, fp32 vs quantized, for each mu.
 
     ref, q: (text-encoder paths, UNet path, static batch or None); one pipeline is loaded at a time.
     v: (D,) the placeholder's vector (SDXL: both encoders' rows, perturbed together as one ZO vector).
+    q_provider: (provider, options) of the quantized pipeline (the fp32 reference: onnxruntime's CPU).
+    perturbation: "unit" (|z| = 1: steps of mu) or "train" (z ~ N(0, I_d) as `zoodip train` draws its
+    queries: steps of mu |z| ~ mu sqrt(d), so the gate sees the rounding noise training sees at that mu).
     """
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(f"perturbation {perturbation!r}: choose one of {', '.join(PERTURBATIONS)}")
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((directions, v.size))
-    z /= np.linalg.norm(z, axis=1, keepdims=True)                            # unit directions, (K, d)
+    if perturbation == "unit":
+        z /= np.linalg.norm(z, axis=1, keepdims=True)                        # unit directions, (K, d)
     bar = tqdm(total=2 * (len(samples) + len(mus) * directions), desc="gate zo", unit="pass", leave=False)
     fds = []
-    for te, unet, batch in (ref, q):
-        loss = DiffusionLoss(te, unet, batch, prompt, samples)
+    for (te, unet, batch), prov in ((ref, ("cpu", None)), (q, q_provider)):
+        loss = DiffusionLoss(te, unet, batch, prompt, samples, prov)
         fds.append(finite_differences(loss, v, z, mus, bar))
         del loss
     bar.close()
@@ -189,8 +201,13 @@ def zo_samples(inputs: RealInputs, alphas: np.ndarray, seed: int) -> list:
     return list(unet_samples(inputs, alphas, ZO_SAMPLES, seed, t_range=ZO_T_RANGE))
 
 
-def failures(gates: dict) -> list[str]:
-    """Human-readable list of missed gates (empty when all hold); VAE misses are handled by keeping it float."""
+def failures(gates: dict, zo_mus=None, zo_min: float | None = None) -> list[str]:
+    """Human-readable list of missed gates (empty when all hold); VAE misses are handled by keeping it float.
+
+    zo_mus: the mus whose ZO correlation decides (the training mu of a scheme validated at one); None: all.
+    zo_min: the correlation they must reach (None: ZO_CORR_MIN).
+    """
+    zo_min = ZO_CORR_MIN if zo_min is None else zo_min
     bad = []
     for sub in ("text_encoder", "text_encoder_2", "unet"):
         g = gates.get(sub)
@@ -202,8 +219,10 @@ def failures(gates: dict) -> list[str]:
     if "cond_cosine" in unet and unet["cond_cosine"] < COND_COSINE_MIN:
         bad.append(f"unet conditioning cosine {unet['cond_cosine']:.4f} < {COND_COSINE_MIN}")
     for mu, z in gates.get("zo", {}).items():
-        if z["corr"] < ZO_CORR_MIN:
-            bad.append(f"ZO finite-difference correlation at mu={mu} is {z['corr']:.3f} < {ZO_CORR_MIN}")
+        if zo_mus is not None and float(mu) not in {float(m) for m in zo_mus}:
+            continue
+        if z["corr"] < zo_min:
+            bad.append(f"ZO finite-difference correlation at mu={mu} is {z['corr']:.3f} < {zo_min}")
     return bad
 
 

@@ -11,6 +11,8 @@ Which tool does what, and why:
   QDQ on Conv/Gemm weights; static targets get INT8 QDQ on every weight (portable to NPU providers);
   w4 puts 4 bits on the UNet/VAE MatMuls only (the text encoder stays 8-bit).
 - fp16: onnxruntime.transformers.float16 with float32 inputs/outputs kept, so callers do not change.
+- w8-fast: w8, fused attention (fused_attention.py) and int8 compute (int8_compute.py) on the UNet groups
+  where the ZO signal survives; gate 3 with the trainer's own perturbations picks and records the training mu.
 """
 from __future__ import annotations
 
@@ -34,15 +36,32 @@ from zo_runtime.model_dir import MANIFEST, ModelDir
 from . import calibration as cal
 from ._fs import swap_in, umask_modes
 from . import gates as gt
+from . import int8_compute as ic
+from .fused_attention import fuse_attention
 from . import weight_only as wo
 
-SCHEMES = ("w8a8", "w8", "w4", "fp16")
+SCHEMES = ("w8a8", "w8", "w4", "fp16", "w8-fast")
 TARGETS = ("cpu", "qnn", "openvino", "npu-static")
 STATIC_TARGETS = ("qnn", "openvino", "npu-static")
 VAES = ("vae_encoder", "vae_decoder")
 # w8 MatMul block: 64 divides SD's 320/640/768/1280, and one fp32 scale per 64 weights costs 6% over INT8.
 W8_BLOCK = 64
 TWO_GB = 2 * 1024 ** 3 - 64 * 1024 ** 2   # protobuf's limit, with room for the graph itself
+# w8-fast: int8 compute per UNet group (export.int8_compute), the rest as w8. Chosen from the per-group ZO
+# study on the trained toy model and the kernel times on the SD 1.5 replica (docs/fast_pass.md).
+FAST_PLAN = "attention=block,feed_forward=block"
+# The training mus w8-fast tries, smallest first: the manifest records the first whose ZO correlation (the
+# trainer's N(0, I_d) perturbations) reaches FAST_ZO_CORR_MIN. 1e-3 is the reference's SD 1.x mu.
+FAST_MUS = (1e-3, 3e-3, 1e-2)
+# Stricter than gate 3's 0.7: int8 rounding is a cost w8 does not have, so it must leave ~90% of the signal
+# (a correlation rho needs ~1/rho^2 the steps: 1.23x at 0.9).
+FAST_ZO_CORR_MIN = 0.9
+# MatMulNBits block of w8-fast's int8-compute MatMuls: MLAS quantizes the activations per block of K, so a
+# smaller block rounds them more finely (32 divides SD's 320/640/768/1280 and the toy's 32...512).
+FAST_BLOCK = 32
+# Settings added after the quantize key was defined: left out of the key while unset, so folders quantized
+# before them are still recognised as the same quantization.
+LATE_SETTINGS = ("int8_plan", "train_mu", "zo_perturbation")
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,11 @@ class QuantizeConfig:
     gate: bool = True                  # False (--no-gate): write the model even when a gate is missed
     force: bool = False                # replace an existing OUT
     seed: int = 0                      # noise, timesteps and directions of calibration and gates
+    int8_plan: str | None = None       # w8-fast: "group=block|dynamic|static,..." (int8_compute.GROUPS); None: FAST_PLAN
+    train_mu: float | None = None      # the mu training will use: gate 3 decides there and the manifest records it;
+                                       # None: every zo_mus must hold (w8-fast: the first of FAST_MUS that holds)
+    zo_perturbation: str | None = None # gate 3's directions: "unit" (|z| = 1) or "train" (z ~ N(0, I_d), the trainer's
+                                       # draws: steps mu sqrt(d)); None: the scheme's (w8-fast: train, others: unit)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -84,10 +108,58 @@ class QuantizeConfig:
             raise ValueError("static-shape targets run their gates at the static resolution: drop --gate-resolution")
         if self.static_batch < 1:
             raise ValueError("static_batch must be >= 1")
+        if self.int8_plan is not None and self.scheme != "w8-fast":
+            raise ValueError("an int8 plan only applies to --scheme w8-fast")
+        if self.scheme == "w8-fast" and self.target != "cpu":
+            raise ValueError("w8-fast writes onnxruntime CPU int8 kernels (MatMulNBits, DynamicQuantizeMatMul, "
+                             "ConvInteger): use --target cpu, or --scheme w8 for static targets")
+        if self.zo_perturbation not in (None, *gt.PERTURBATIONS):
+            raise ValueError(f"zo_perturbation {self.zo_perturbation!r}: choose one of {', '.join(gt.PERTURBATIONS)}")
+        if self.train_mu is not None and not 0 < self.train_mu < 1:
+            raise ValueError(f"train_mu must be in (0, 1), got {self.train_mu}")
+        self.plan   # parses and validates int8_plan
 
     @property
     def static(self) -> bool:
         return self.target in STATIC_TARGETS
+
+    @property
+    def plan(self) -> dict[str, str]:
+        """{UNet group: int8 method} of w8-fast (empty for the other schemes)."""
+        if self.scheme != "w8-fast":
+            return {}
+        return parse_plan(FAST_PLAN if self.int8_plan is None else self.int8_plan)
+
+    @property
+    def fast(self) -> bool:
+        return self.scheme == "w8-fast"
+
+    @property
+    def perturbation(self) -> str:
+        """Gate 3's directions: w8-fast is gated with the trainer's own perturbations at its training mu."""
+        return self.zo_perturbation or ("train" if self.scheme == "w8-fast" else "unit")
+
+    @property
+    def gate_mus(self) -> tuple[float, ...]:
+        """The mus gate 3 measures: zo_mus, the training mu and (w8-fast) the candidates FAST_MUS."""
+        extra = {self.train_mu} if self.train_mu is not None else set(FAST_MUS) if self.fast else set()
+        return tuple(sorted(set(self.zo_mus) | extra))
+
+    @property
+    def zo_corr_min(self) -> float:
+        return FAST_ZO_CORR_MIN if self.fast else gt.ZO_CORR_MIN
+
+
+def parse_plan(text: str) -> dict[str, str]:
+    """'feed_forward=block,resnet=dynamic' -> {'feed_forward': 'block', 'resnet': 'dynamic'}; '' -> {}."""
+    plan = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        group, sep, method = item.partition("=")
+        if not sep or group not in ic.GROUPS or method not in ic.METHODS:
+            raise ValueError(f"int8 plan item {item!r}: write GROUP=METHOD with GROUP in {', '.join(ic.GROUPS)} "
+                             f"and METHOD in {', '.join(ic.METHODS)}")
+        plan[group] = method
+    return plan
 
 
 def quantize_model(source: str | Path, out: str | Path, config: QuantizeConfig = QuantizeConfig()) -> Path:
@@ -145,14 +217,35 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
                                                   cfg.gate_samples, cfg.seed + 2, batch))
     gates["zo"] = _zo_gate(src, tmp, held, alphas, cfg, batch)
     stats["gates_cond_zo"] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": _peak_rss_gb()}
-    failed = gt.failures(gates)
+    train_mu = training_mu(gates["zo"], cfg)
+    deciding = None                       # w8, w4, ...: every measured mu decides
+    if cfg.fast or cfg.train_mu is not None:   # the training mu decides (w8-fast without one: its largest try)
+        deciding = (train_mu if train_mu is not None else max(FAST_MUS),)
+    failed = gt.failures(gates, deciding, cfg.zo_corr_min)
     gates.update(passed=not failed, failed=failed, thresholds=gt.thresholds())
     if failed and cfg.gate:
         raise ValueError(f"quantization gates missed for --scheme {cfg.scheme}: {'; '.join(failed)}. Nothing was "
                          "written; pass --no-gate to keep the model anyway, or use --scheme w8 (weight-only INT8)")
+    extra = {}
+    if cfg.scheme == "w8-fast":
+        unet = onnx.load(str(tmp / "unet" / "model.onnx"), load_external_data=False)
+        extra["int8_compute"] = {"plan": cfg.plan, "nodes": ic.count_int8_compute(unet),
+                                 "fused_attention": sum(n.op_type == "MultiHeadAttention" for n in unet.graph.node)}
     return dict(src.manifest, scheme=cfg.scheme, target=cfg.target, static_shapes=shapes, gates=_rounded(gates),
                 quantized_from=str(src.root.resolve()), quantize=dataclasses.asdict(cfg),
-                quantize_stats=_rounded(stats), files=_file_hashes(tmp))
+                quantize_stats=_rounded(stats), files=_file_hashes(tmp), **extra,
+                zo_validated_mus=sorted(float(mu) for mu, z in gates["zo"].items() if z["corr"] >= cfg.zo_corr_min),
+                train_defaults={} if train_mu is None else {"mu": train_mu})
+
+
+def training_mu(zo: dict, cfg: QuantizeConfig) -> float | None:
+    """The mu the manifest tells the trainer to use: train_mu as given, or w8-fast's first of FAST_MUS whose ZO
+    correlation reaches FAST_ZO_CORR_MIN; None for the other schemes (every measured mu had to hold)."""
+    if cfg.train_mu is not None:
+        return cfg.train_mu
+    if not cfg.fast:
+        return None
+    return next((mu for mu in FAST_MUS if zo[f"{mu:g}"]["corr"] >= FAST_ZO_CORR_MIN), None)
 
 
 def _submodel_with_gate(sub: str, src: ModelDir, tmp: Path, cfg: QuantizeConfig, inputs: tuple, alphas,
@@ -182,13 +275,16 @@ def _submodel_with_gate(sub: str, src: ModelDir, tmp: Path, cfg: QuantizeConfig,
     return gate
 
 
-def _zo_gate(src: ModelDir, tmp: Path, held: cal.RealInputs, alphas, cfg: QuantizeConfig, batch) -> dict:
+def _zo_gate(src: ModelDir, tmp: Path, held: cal.RealInputs, alphas, cfg: QuantizeConfig, batch,
+             q_provider: tuple = ("cpu", None)) -> dict:
     """Gate 3 on the prompt 'a photo of a sks' with the placeholder row(s) at the class word's embedding."""
     prompt = gt.ti_prompt(src, held.time_ids)
     samples = gt.zo_samples(held, alphas, cfg.seed + 3)
     ref = (tuple(src.onnx(s) for s in src.text_encoders), src.onnx("unet"), None)
     q = (tuple(tmp / s / "model.onnx" for s in src.text_encoders), tmp / "unet" / "model.onnx", batch)
-    return gt.zo_fidelity(ref, q, prompt, samples, held.class_vector, cfg.zo_mus, cfg.zo_directions, cfg.seed + 4)
+    zo = gt.zo_fidelity(ref, q, prompt, samples, held.class_vector, cfg.gate_mus, cfg.zo_directions, cfg.seed + 4,
+                        q_provider, cfg.perturbation)
+    return {mu: dict(z, perturbation=cfg.perturbation) for mu, z in zo.items()}
 
 
 def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feeds) -> None:
@@ -206,6 +302,8 @@ def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feed
     model = onnx.load(str(src))
     if cfg.scheme == "w8" and cfg.static:
         wo.int8_weight_only(model)                     # plain QDQ: what NPU execution providers read
+    elif cfg.scheme == "w8-fast":
+        model = _w8_fast(model, sub, src, cfg, feeds)
     elif cfg.scheme in ("w8", "w4"):
         # w4 keeps the text encoder at 8 bits: it is ~12% of SD 1.5's weights but carries the learned token,
         # and 4 bits missed gate 1 there (cosine 0.970 on the SD 1.5 replica, 0.983 on the tiny model).
@@ -216,6 +314,29 @@ def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feed
         from onnxruntime.transformers.float16 import convert_float_to_float16
         model = convert_float_to_float16(model, keep_io_types=True)
     save_model(model, dst)
+
+
+def _w8_fast(model: onnx.ModelProto, sub: str, src: Path, cfg: QuantizeConfig, feeds) -> onnx.ModelProto:
+    """w8 with int8 compute on the UNet's planned groups (text encoder and VAE: w8 as is)."""
+    plan = cfg.plan if sub == "unet" else {}
+    renamed: dict[str, str] = {}
+    if sub == "unet":
+        fuse_attention(model, renamed)                       # exact fp32: faster, no (T, S) score matrices
+    direct = {g: m for g, m in plan.items() if m in ("dynamic", "static")}
+    ranges = None
+    if "static" in direct.values():                          # calibrated on the unfused source graph
+        tensors = ic.static_tensors(model, [g for g, m in direct.items() if m == "static"])
+        found = cal.stream_minmax(src, feeds(), tensors=[renamed.get(t, t) for t in tensors], chunk=cfg.chunk,
+                                  desc=f"calibrate {sub}")
+        ranges = {t: tuple(map(float, found[renamed.get(t, t)].range_value)) for t in tensors}
+    ic.int8_compute(model, direct, ranges)
+    blocks = [n.name for g, nodes in ic.weight_nodes(model).items() if plan.get(g) == "block"
+              for n in nodes if n.op_type == "MatMul"]
+    if blocks:                                               # int8 compute: accuracy level 4
+        model = wo.nbits_matmul(model, 8, FAST_BLOCK, 4, blocks)
+    model = wo.nbits_matmul(model, 8, W8_BLOCK, cfg.matmul_accuracy_level)   # the other MatMuls: fp32 compute
+    wo.int8_weight_only(model, ("Conv", "Gemm"))
+    return model
 
 
 def _qdq_optimum(src: Path, dst: Path, ranges) -> None:
@@ -350,7 +471,8 @@ def _copy_support_files(src: ModelDir, dst: Path) -> None:
 
 def _key(src: ModelDir, cfg: QuantizeConfig) -> str:
     """What makes two quantizations the same: the source's file hashes and every setting but force/gate."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("force", "gate")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("force", "gate") and not (k in LATE_SETTINGS and v is None)}
     blob = json.dumps({"files": src.manifest["files"], "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

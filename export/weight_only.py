@@ -158,8 +158,11 @@ def _ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
             raise ValueError(f"model opset {o.version} < {minimum}: re-export with `zoodip export --opset 17`")
 
 
-def nbits_matmul(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int) -> onnx.ModelProto:
+def nbits_matmul(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int,
+                 nodes: list[str] | None = None) -> onnx.ModelProto:
     """MatMul weights -> `bits`-bit MatMulNBits (onnxruntime's quantizer, symmetric blocks); returns the new model.
+
+    nodes: only the MatMuls of these names (None: every MatMul with a constant weight).
 
     accuracy_level 1 = fp32 compute on dequantized blocks. Level 4 (int8 compute, which onnxruntime also picks
     when it fuses DequantizeLinear -> MatMul at session creation) quantizes activations on the fly: on the tiny
@@ -168,9 +171,11 @@ def nbits_matmul(model: onnx.ModelProto, bits: int, block_size: int, accuracy_le
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # The quantizer's nodes_to_include adds to its op types rather than narrowing them: exclude the others.
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)] if nodes else None
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
-                                     op_types_to_quantize=("MatMul",))
+                                     op_types_to_quantize=("MatMul",), nodes_to_exclude=others)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # one line per node
     quantizer.process()
     return quantizer.model.model

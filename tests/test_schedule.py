@@ -58,12 +58,18 @@ def test_schedules_fill_only_what_is_unset():
 
 def test_the_models_validated_mu_is_used_and_others_warn():
     gates = {"thresholds": {"zo_corr_min": 0.7}, "zo": {"0.001": {"corr": 0.2}, "0.01": {"corr": 0.95}}}
-    fast = {"family": "sd1", "scheme": "w8i8", "gates": gates, "training": {"mu": 1e-2}}
+    fast = {"family": "sd1", "scheme": "w8-fast", "gates": gates, "zo_validated_mus": [1e-2],
+            "train_defaults": {"mu": 1e-2}}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert schedule.resolve(TrainConfig(token="sks", init="dog"), fast).mu == 1e-2
-    with pytest.warns(UserWarning, match=r"held at mu 0.01 \(correlation 0.95\), not at the mu 0.001.*--set mu="):
+        assert schedule.resolve(TrainConfig(token="sks", init="dog", mu=0.1), fast).mu == 0.1   # above: covered
+    with pytest.warns(UserWarning, match=r"mu 0.001 is below .* 0.01 \(ZO correlation 0.20 there\).*--set mu=0.01"):
         schedule.resolve(TrainConfig(token="sks", init="dog", mu=1e-3), fast)
+    older = {"family": "sd1", "scheme": "w8", "gates": gates}              # before zo_validated_mus: from the gates
+    assert schedule.validated_mus(older) == [0.01] and schedule.mu_warning(older, 1e-3)
+    assert "--scheme w8" in schedule.mu_warning({**fast, "zo_validated_mus": []}, 1e-2)
+    assert schedule.mu_warning({"scheme": "fp32"}, 1e-9) is None and schedule.validated_mus({"scheme": "fp32"}) is None
 
 
 def test_the_tracker_keeps_the_best_vector_and_stops_after_patience():

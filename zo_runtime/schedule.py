@@ -31,27 +31,50 @@ def defaults(schedule: str, family: str) -> dict:
     return {**SCHEDULES[schedule], "mu": fam["mu"], "t_range": fam["t_range"], **fam.get(schedule, {})}
 
 
-def validated_mus(manifest: dict) -> dict[float, float]:
-    """{mu: ZO correlation} of the quantization gate, for the mus where it held (empty: not quantized)."""
+def validated_mus(manifest: dict) -> list[float] | None:
+    """The mus the quantization's ZO gate held at (manifest "zo_validated_mus"; older folders: from their gate
+    results); None when the model was never gated (fp32, or quantized with the gates off)."""
+    if "zo_validated_mus" in manifest:
+        return [float(m) for m in manifest["zo_validated_mus"]]
     gates = manifest.get("gates") or {}
+    if not gates.get("zo"):
+        return None
     floor = (gates.get("thresholds") or {}).get("zo_corr_min", 0.0)
-    return {float(mu): g["corr"] for mu, g in (gates.get("zo") or {}).items() if g.get("corr", 0.0) >= floor}
+    return sorted(float(mu) for mu, g in gates["zo"].items() if g.get("corr", 0.0) >= floor)
+
+
+def mu_warning(manifest: dict, mu: float) -> str | None:
+    """Why training at `mu` is outside what the model's quantization validated (None: inside, or never gated).
+
+    Rounding noise in a finite difference shrinks as mu grows, so a mu at or above the smallest validated one
+    is covered.
+    """
+    validated, scheme = validated_mus(manifest), manifest.get("scheme")
+    if validated is None or scheme in (None, "fp32"):
+        return None
+    if not validated:
+        return (f"this {scheme} model passed its ZO gate at no mu: its finite differences may be rounding noise; "
+                "quantize again with --scheme w8")
+    if mu >= min(validated) * (1 - 1e-9):
+        return None
+    corr = ((manifest.get("gates") or {}).get("zo") or {}).get(f"{mu:g}", {}).get("corr")
+    seen = f" (ZO correlation {corr:.2f} there)" if corr is not None else ""
+    return (f"mu {mu:g} is below the smallest mu this {scheme} model's ZO gate held at, {min(validated):g}{seen}: "
+            f"its rounding may drown the finite differences; train with --set mu={min(validated):g} (or leave mu "
+            "unset), or on a --scheme w8 model")
 
 
 def resolve(cfg, manifest: dict):
     """cfg with every unset setting filled from its schedule, the model family and the model's manifest.
 
-    mu: the one the model's quantization recorded for training (manifest "training"), else the family's.
-    Warns (with the fix) when the mu used is not one the model's ZO gate was validated at.
+    mu: the one the model's quantization validated for training (manifest "train_defaults", w8-fast), else
+    the family's. Warns (with the fix) when the mu used is below what the model's ZO gate validated.
     """
     base = defaults(cfg.schedule, manifest.get("family", "sd1"))
-    base.update({k: v for k, v in (manifest.get("training") or {}).items() if k in ("mu", "lr")})
+    base.update({k: v for k, v in (manifest.get("train_defaults") or {}).items() if k in ("mu", "lr")})
     filled = {k: v for k, v in base.items() if getattr(cfg, k) is None}
     out = dataclasses.replace(cfg, **filled)
-    checked = validated_mus(manifest)
-    if manifest.get("scheme", "fp32") != "fp32" and out.mu not in checked:
-        at = ", ".join(f"mu {m:g} (correlation {c:.2f})" for m, c in sorted(checked.items())) or "no mu"
-        warnings.warn(f"this {manifest.get('scheme')} model's ZO gate held at {at}, not at the mu {out.mu:g} this "
-                      f"run uses: train with --set mu=<one of those>, or quantize again and check the gate at "
-                      f"{out.mu:g}", stacklevel=2)
+    why = mu_warning(manifest, out.mu)
+    if why:
+        warnings.warn(why, stacklevel=2)
     return out

@@ -4,7 +4,7 @@
 
 Every contender runs in its own fresh subprocess (bench.sd.zoodip_train, bench.torch_ti), one at a
 time, so each peak RSS is that process's own. Model folders follow one naming scheme:
-BASE (diffusers, for torch_ti), BASE-onnx (fp32 export), BASE-w8, BASE-w4, BASE-w8a8, BASE-fp16.
+BASE (diffusers, for torch_ti), BASE-onnx (fp32 export), BASE-w8, BASE-w8-fast, BASE-w4, BASE-w8a8, BASE-fp16.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .. import common
 from .shared import DEFAULT_IMAGES, GOAL_RSS_RATIO, default_photos
 
 # Folder suffix -> scheme, in the order they are run and shown (fp32 first: the unquantized baseline).
-SCHEME_SUFFIXES = {"onnx": "fp32", "w8": "w8", "w4": "w4", "w8a8": "w8a8", "fp16": "fp16"}
+SCHEME_SUFFIXES = {"onnx": "fp32", "w8": "w8", "w8-fast": "w8-fast", "w4": "w4", "w8a8": "w8a8", "fp16": "fp16"}
 
 
 @dataclass(frozen=True)

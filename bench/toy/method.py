@@ -46,6 +46,9 @@ ZO_METHODS = {
     "zoodip_q8": ("w8", {"queries": 8, "unet_batch": "batch"}, "zoodip, 8 queries batched"),   # 9 passes, 1 call
     "zoodip_q1": ("w8", {"queries": 1}, "zoodip, 1 query"),     # 2 passes a step, more data draws per pass
     "zoodip_lr5e2": ("w8", {"lr": 0.05}, "zoodip, lr 5e-2"),    # 2.5x the benchmark's lr
+    # int8-compute UNet at the mu its quantization validated (the toy w8-fast manifest's train_defaults.mu);
+    # WORK/models/w8-fast is made by `python -m bench.sd.fast_pass toy-model WORK/models`
+    "zoodip_fast": ("w8-fast", {"mu": 3e-3}, "zoodip, w8-fast (int8 compute), mu 3e-3"),
     # n queries batched in one call, lr scaled so the drift per pass matches n = 2 at lr 2e-2 (an estimate's
     # signal grows as sqrt(n); ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift the
     # walk's variance per pass is 2 (n + 1) / (3 n) of n = 2's: 0.75 at n = 8, 0.71 at n = 16
@@ -130,7 +133,7 @@ def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, ste
     curve, train_s, images = [], 0.0, None
     for i, step in enumerate(steps):
         t0 = time.perf_counter()
-        path = train(spec["models"][ZO_METHODS[method][0]], spec["images"], folder,
+        path = train(model_folder(spec, ZO_METHODS[method][0]), spec["images"], folder,
                      replace(base, steps=step, resume=resume or i > 0))
         train_s += time.perf_counter() - t0
         ev.set_token(TOKEN, load_learned_embeds(path)[1])
@@ -147,10 +150,15 @@ def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[li
                    "images": images, "config": {**spec["zo"], **ZO_METHODS[method][1]}}
 
 
+def model_folder(spec: dict, scheme: str) -> str:
+    """The concept's model of `scheme`: prepare_models' fp32/w8, or a sibling folder named after the scheme."""
+    return spec["models"].get(scheme) or str(Path(spec["models"]["fp32"]).parent / scheme)
+
+
 def evaluator(spec: dict, scheme: str) -> ToyEvaluator:
     """The concept's scorer on the `scheme` model, with its training images as the feature reference."""
     train_images = to_array([load_rgb(p, 64) for p in sorted(Path(spec["images"]).glob("*.png"))])
-    return ToyEvaluator(spec["models"][scheme], tuple(spec["concept"]), list(train_images), spec["backgrounds"],
+    return ToyEvaluator(model_folder(spec, scheme), tuple(spec["concept"]), list(train_images), spec["backgrounds"],
                         ToyEvalConfig(**spec.get("eval", {})))
 
 
