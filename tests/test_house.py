@@ -183,3 +183,9 @@ def test_the_cli_replica_kinds_are_the_exporters():
     from export.replica import KINDS
     from zoodip.cli.export import REPLICAS
     assert REPLICAS == KINDS
+
+
+def test_the_cli_schemes_are_the_quantizers():
+    from export.quantize import SCHEMES
+    from zoodip.cli import quantize, train
+    assert set(quantize.SCHEMES) == set(SCHEMES) and set(train.SCHEMES) == {*SCHEMES, "none"}

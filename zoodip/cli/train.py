@@ -11,7 +11,7 @@ from ._common import friendly_errors
 from ._options import build_config, config_options, settings_epilog
 from .cluster import address_option, no_extra, workers_option
 
-SCHEMES = ("w8a8", "w8", "w4", "fp16", "none")   # export.quantize.SCHEMES + none (kept here: --help imports no torch)
+SCHEMES = ("w8a8", "w8", "w4", "fp16", "w8-fast", "none")   # export.quantize.SCHEMES + none (kept here: --help imports no torch)
 
 
 def _io_options(fn):
