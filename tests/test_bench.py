@@ -156,3 +156,14 @@ def test_toy_split_parts_add_up_and_shares_follow_the_spectrum():
     p = split(v0, v0 + dv, moment)
     assert np.allclose(p["stiff"] + p["flat"], dv) and np.allclose(p["stiff"], np.eye(d)[0])
     assert np.isclose(p["flat_share"], 0.9) and np.isclose(p["top16_share"], 1.0)   # d < 16: all of it
+
+
+def test_run_guarded_stops_a_child_at_its_data_limit_or_rss_cap(tmp_path):
+    import sys
+    grow = "import numpy as np, time; a = np.ones(2 ** 28); time.sleep(30)"      # 2 GiB, every page touched
+    r = common.run_guarded([sys.executable, "-c", grow], tmp_path / "a.log", data_limit_gb=1.0, min_available_gb=None)
+    assert r["returncode"] != 0 and r["killed"] is None and "MemoryError" in (tmp_path / "a.log").read_text()
+    small = "import numpy as np, time; a = np.ones(2 ** 25); time.sleep(30)"     # 256 MiB
+    r = common.run_guarded([sys.executable, "-c", small], tmp_path / "b.log", max_rss_gb=0.15, min_available_gb=None)
+    assert r["killed"].startswith("RSS") and r["returncode"] != 0 and r["wall_seconds"] < 20
+    assert r["rss_timeline"] and max(v for _, v in r["rss_timeline"]) > 0.15
