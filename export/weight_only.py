@@ -8,10 +8,12 @@ This is the published method's scheme (weight-only INT8 on Linear and Conv2d; no
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 # Which input holds the weight, and its output-channel axis (per-channel scales along it).
 #   Conv W (O, I, kh, kw): axis 0; MatMul B (K, N): axis 1; Gemm B: (N, K) if transB else (K, N).
@@ -22,6 +24,9 @@ MIN_WEIGHT_ELEMENTS = 256
 # each, then summed): onnxruntime materializes each DequantizeLinear output as a float32 tensor, and SD's
 # up-block convs (1280, 2560, 3, 3) made 112 MiB of them at once. 4 Mi elements = 16 MiB of float32.
 MAX_DEQUANT_ELEMENTS = 4 * 1024 * 1024
+# Streaming (models loaded with load_external_data=False, weights in model.onnx_data): MatMul weights are read
+# and quantized this many fp32 bytes at a time, so the fp32 model is never in memory whole (SDXL's UNet: 10.3 GB).
+STREAM_GROUP_BYTES = 512 * 1024 ** 2
 
 
 def _axis(node: onnx.NodeProto) -> int:
@@ -53,18 +58,19 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def int8_weight_only(model: onnx.ModelProto, op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm"),
-                     max_dequant_elements: int | None = MAX_DEQUANT_ELEMENTS) -> int:
+                     max_dequant_elements: int | None = MAX_DEQUANT_ELEMENTS, base_dir: str | Path | None = None) -> int:
     """Rewrite `model` in place: each eligible float weight -> INT8 + DequantizeLinear. Returns the count.
 
     A Conv whose weight has more than `max_dequant_elements` becomes several Convs over slices of its input
-    channels, summed (see MAX_DEQUANT_ELEMENTS); None keeps every Conv whole.
+    channels, summed (see MAX_DEQUANT_ELEMENTS); None keeps every Conv whole. base_dir: the folder of a model
+    loaded without its external data; each weight is read from there when it is reached (one at a time).
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     users = _consumers(graph)
     dq_nodes, nodes, count = [], [], 0
     for node in graph.node:
-        w = _eligible_weight(node, op_types, inits, users)
+        w = _eligible_weight(node, op_types, inits, users, base_dir)
         if w is None:
             nodes.append(node)
             continue
@@ -86,7 +92,7 @@ def int8_weight_only(model: onnx.ModelProto, op_types: tuple[str, ...] = ("Conv"
     return count
 
 
-def _eligible_weight(node, op_types, inits, users) -> np.ndarray | None:
+def _eligible_weight(node, op_types, inits, users, base_dir=None) -> np.ndarray | None:
     """The float weight of `node` to quantize, or None (not a weight op, activation input, shared, tiny)."""
     if node.op_type not in op_types or len(node.input) <= WEIGHT_INPUT[node.op_type]:
         return None
@@ -94,8 +100,13 @@ def _eligible_weight(node, op_types, inits, users) -> np.ndarray | None:
     init = inits.get(name)
     if init is None or init.data_type != onnx.TensorProto.FLOAT or len(users[name]) != 1:
         return None  # activation x activation (attention scores) or shared weights: leave float
-    w = numpy_helper.to_array(init)
-    return w if w.size >= MIN_WEIGHT_ELEMENTS and w.ndim >= 2 else None
+    if len(init.dims) < 2 or int(np.prod(init.dims)) < MIN_WEIGHT_ELEMENTS:
+        return None
+    if uses_external_data(init):
+        if base_dir is None:
+            raise ValueError(f"weight {name!r} is external data: pass base_dir (the model's folder)")
+        load_into_memory(init, base_dir)
+    return numpy_helper.to_array(init)
 
 
 def _dequantize(graph: onnx.GraphProto, w: np.ndarray, axis: int, name: str, out: str) -> onnx.NodeProto:
@@ -158,19 +169,90 @@ def _ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
             raise ValueError(f"model opset {o.version} < {minimum}: re-export with `zoodip export --opset 17`")
 
 
-def nbits_matmul(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int) -> onnx.ModelProto:
+def load_into_memory(tensor: onnx.TensorProto, base_dir: str | Path) -> None:
+    """Read one external tensor's bytes into the proto and mark it internal (what onnx.load does for all)."""
+    load_external_data_for_tensor(tensor, str(base_dir))
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
+def load_remaining(model: onnx.ModelProto, base_dir: str | Path) -> int:
+    """Read every tensor still external (norms, biases, weights left float) into memory; returns how many.
+
+    A model saved elsewhere must carry its own bytes: a reference into the source's model.onnx_data would
+    point at the wrong offsets of the new file."""
+    from onnx.external_data_helper import _get_all_tensors
+    n = 0
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_into_memory(t, base_dir)
+            n += 1
+    return n
+
+
+def nbits_matmul(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int,
+                 base_dir: str | Path | None = None, group_bytes: int = STREAM_GROUP_BYTES) -> onnx.ModelProto:
     """MatMul weights -> `bits`-bit MatMulNBits (onnxruntime's quantizer, symmetric blocks); returns the new model.
 
     accuracy_level 1 = fp32 compute on dequantized blocks. Level 4 (int8 compute, which onnxruntime also picks
     when it fuses DequantizeLinear -> MatMul at session creation) quantizes activations on the fly: on the tiny
     model the ZO finite-difference correlation fell from 0.998 to 0.03. Weight-only must stay weight-only.
+
+    base_dir: the folder of a model loaded with load_external_data=False. Its external MatMul weights are then
+    read and quantized about `group_bytes` at a time (the quantizer's own nodes_to_exclude keeps it to one group
+    per pass), so memory holds the quantized model and one group, not the fp32 model: the result is the same
+    model, node for node and byte for byte (tests/test_weight_only.py).
     """
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
-                                     op_types_to_quantize=("MatMul",))
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # one line per node
-    quantizer.process()
-    return quantizer.model.model
+
+    def quantize(m: onnx.ModelProto, exclude: list[str] | None = None) -> onnx.ModelProto:
+        quantizer = MatMulNBitsQuantizer(m, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
+                                         op_types_to_quantize=("MatMul",), nodes_to_exclude=exclude)
+        quantizer.process()
+        return quantizer.model.model
+
+    groups = _external_matmul_groups(model, group_bytes) if base_dir is not None else None
+    if not groups:
+        if base_dir is not None:
+            load_remaining(model, base_dir)    # nothing external to stream (or unnamed nodes): the plain path
+        return quantize(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    every = [name for group in groups for name, _ in group]
+    for group in groups:
+        for _, weight in group:
+            load_into_memory(inits[weight], base_dir)
+        names = {name for name, _ in group}
+        model = quantize(model, [n for n in every if n not in names])   # fp32 weights of the group dropped here
+        inits = {t.name: t for t in model.graph.initializer}
+    return model
+
+
+def _external_matmul_groups(model: onnx.ModelProto, group_bytes: int) -> list[list[tuple[str, str]]] | None:
+    """(node name, weight name) of every MatMul whose weight is external, in graph order, in groups of about
+    group_bytes; None when a node cannot be singled out by name (then the model is loaded whole)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    users = _consumers(graph)
+    names = [n.name for n in graph.node]
+    if len(set(names)) != len(names) or "" in names:
+        return None
+    groups, size = [[]], 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if not uses_external_data(init):
+            continue
+        if len(users[node.input[1]]) != 1:
+            return None                        # a shared weight: leave it to the whole-model path
+        nbytes = int(np.prod(init.dims)) * 4
+        if groups[-1] and size + nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((node.name, node.input[1]))
+        size += nbytes
+    return [g for g in groups if g]
