@@ -191,6 +191,83 @@ def run_measured(cmd: list[str], log: str | Path | None = None, timeout: float |
             "command": " ".join(str(c) for c in cmd)}
 
 
+def mem_available_gib() -> float | None:
+    """The kernel's estimate of memory available to new work (MemAvailable), in GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
+def _rss_gib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return 0.0
+
+
+def limit_data_gib(gib_: float | None):
+    """preexec_fn for a child: RLIMIT_DATA (private writable memory: heap, anonymous mmaps) at `gib_` GiB.
+
+    Past it an allocation fails in the child (torch: "can't allocate memory") instead of the machine running
+    out; read-only file mappings (safetensors, ONNX weights) are not counted. None: no limit.
+    """
+    if gib_ is None:
+        return None
+    cap = int(gib_ * GIB)
+    return lambda: resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+
+def run_guarded(cmd: list[str], log: str | Path | None = None, max_rss_gb: float | None = None,
+                min_available_gb: float | None = 1.5, data_limit_gb: float | None = None,
+                timeout: float | None = None, period: float = 0.2, env: dict | None = None) -> dict:
+    """run_measured for memory-hungry stages on a shared machine: polls the child every `period` s and kills it
+    when its RSS passes `max_rss_gb`, or when the machine's MemAvailable falls below `min_available_gb` (so it
+    is this child that stops, not a neighbour picked by the OOM killer); `data_limit_gb` sets RLIMIT_DATA in
+    the child. Records why it was killed and an RSS timeline [[s, GiB], ...] (one point per second, max of
+    the samples in it)."""
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    t0 = time.perf_counter()
+    killed, timeline = None, []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=limit_data_gib(data_limit_gb))
+        while True:
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            rss, avail, t = _rss_gib(proc.pid), mem_available_gib(), time.perf_counter() - t0
+            if timeline and int(timeline[-1][0]) == int(t):
+                timeline[-1][1] = max(timeline[-1][1], round(rss, 3))
+            else:
+                timeline.append([round(t, 1), round(rss, 3)])
+            if killed is None:
+                if max_rss_gb and rss > max_rss_gb:
+                    killed = f"RSS {rss:.2f} GiB > {max_rss_gb} GiB"
+                elif min_available_gb and avail is not None and avail < min_available_gb:
+                    killed = f"machine MemAvailable {avail:.2f} GiB < {min_available_gb} GiB (child RSS {rss:.2f} GiB)"
+                elif deadline and time.monotonic() > deadline:
+                    killed = f"timeout {timeout} s"
+                if killed:
+                    proc.kill()
+            time.sleep(period)
+    finally:
+        if log:
+            out.close()
+    return {"returncode": os.waitstatus_to_exitcode(status), "killed": killed,
+            "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": gib(rusage.ru_maxrss * 1024),
+            "user_seconds": round(rusage.ru_utime, 1), "system_seconds": round(rusage.ru_stime, 1),
+            "max_rss_gb": max_rss_gb, "min_available_gb": min_available_gb, "data_limit_gb": data_limit_gb,
+            "command": " ".join(str(c) for c in cmd), "rss_timeline": timeline}
+
+
 def run_isolated(module: str, args: list[str], log: str | Path | None = None, timeout: float | None = None,
                  env: dict | None = None) -> dict:
     """Run `python -m module *args --result F` in a fresh process; return its JSON plus the kernel's view.

@@ -86,39 +86,23 @@ def parity(diffusers_dir: str, onnx_dir: str, result: str) -> None:
     Path(result).write_text(json.dumps(out))
 
 
-def _run(cmd: list[str], log: Path, max_rss_gb: float | None) -> dict:
-    """common.run_measured, plus a guard that kills the stage when its RSS passes max_rss_gb."""
-    import subprocess
-    with open(log, "ab") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        killed = False
-        while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid == proc.pid:
-                break
-            if max_rss_gb and _rss_gb(proc.pid) > max_rss_gb and not killed:
-                proc.kill()
-                killed = True
-            time.sleep(0.2)
-    return {"returncode": os.waitstatus_to_exitcode(status), "killed_over_rss_gb": max_rss_gb if killed else None,
-            "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": common.gib(rusage.ru_maxrss * 1024),
-            "user_seconds": round(rusage.ru_utime, 1), "command": " ".join(cmd)}
+def _run(cmd: list[str], log: Path, max_rss_gb: float | None, min_available_gb: float | None) -> dict:
+    """common.run_guarded: the stage is killed past max_rss_gb, or when the machine runs low (min_available_gb)."""
+    r = common.run_guarded(cmd, log, max_rss_gb=max_rss_gb, min_available_gb=min_available_gb)
+    r["killed_over_rss_gb"] = max_rss_gb if r["killed"] and r["killed"].startswith("RSS") else None
+    r["rss_timeline"] = _thin(r["rss_timeline"])
+    return r
 
 
-def _rss_gb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2 ** 20
-    except OSError:
-        pass
-    return 0.0
+def _thin(timeline: list, points: int = 200) -> list:
+    """At most `points` [s, GiB] pairs, each the max of its bucket (the peak survives)."""
+    k = max(1, -(-len(timeline) // points))
+    return [[b[0][0], max(r for _, r in b)] for b in (timeline[i:i + k] for i in range(0, len(timeline), k))]
 
 
 def stages(scale: str, base: Path, calib: str, quantize_args: list[str]) -> list[tuple[str, Path, list[str]]]:
     py = sys.executable
-    cli = [py, "-c", "from zo_runtime.cli import main; main()"]
+    cli = [py, "-c", "from zoodip.cli import main; main()"]
     onnx_dir, w8 = Path(f"{base}-onnx"), Path(f"{base}-w8")
     return [
         ("replica", base / "model_index.json", [py, "-m", "bench.sdxl_memory", "--stage", "replica", "--scale", scale,
@@ -131,27 +115,43 @@ def stages(scale: str, base: Path, calib: str, quantize_args: list[str]) -> list
     ]
 
 
-def run(scale: str, base: Path, calib: str, out: Path, max_rss_gb: float | None, quantize_args: list[str]) -> Path:
+STAGES = ("replica", "export", "parity", "quantize_w8")
+
+
+def run(scale: str, base: Path, calib: str, out: Path, max_rss_gb: float | None, quantize_args: list[str],
+        only: tuple[str, ...] = STAGES, min_available_gb: float | None = 1.5) -> Path:
+    """Run the stages (`only`: a subset, in order) whose output is missing; a stage measured in an earlier call
+    and kept in `out` stays there (so stages can be run one at a time, each in its own call)."""
     result = {"scale": scale, "base": str(base), "goal_peak_rss_gb": GOAL_GB, "stages": {},
               "machine": common.machine_facts()}
+    if out.is_file():
+        earlier = json.loads(out.read_text())
+        if earlier.get("scale") == scale and earlier.get("base") == str(base):
+            result["stages"] = {k: v for k, v in earlier.get("stages", {}).items() if not v.get("reused")}
     result["note"] = common.load_note(result["machine"])
     log_dir = base.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     for name, done, cmd in stages(scale, base, calib, quantize_args):
+        if name not in only:
+            continue
         if done.is_file():
-            result["stages"][name] = {"reused": True}
+            result["stages"].setdefault(name, {"reused": True})
             continue
         print(f"[bench.sdxl_memory] {name} ...", flush=True)
-        r = _run(cmd, log_dir / f"{base.name}_{name}.log", max_rss_gb)
+        r = _run(cmd, log_dir / f"{base.name}_{name}.log", max_rss_gb, min_available_gb)
         result["stages"][name] = r
         print(f"[bench.sdxl_memory]   {r['returncode']=} peak {r['peak_rss_gb']} GiB, {r['wall_seconds']} s", flush=True)
         common.write_json(out, result)
         if r["returncode"] != 0:
-            raise RuntimeError(f"{name} failed; see {log_dir / f'{base.name}_{name}.log'}")
+            raise RuntimeError(f"{name} failed ({r['killed'] or 'exit ' + str(r['returncode'])}); "
+                               f"see {log_dir / f'{base.name}_{name}.log'}")
     parity_file = Path(f"{base}-parity.json")
-    result["parity_max_abs_error"] = json.loads(parity_file.read_text())
+    if parity_file.is_file():
+        result["parity_max_abs_error"] = json.loads(parity_file.read_text())
     result["sizes_gb"] = {p.relative_to(base.parent).as_posix(): common.gib(p.stat().st_size)
-                          for d in (Path(f"{base}-onnx"), Path(f"{base}-w8")) for p in sorted(d.rglob("model.onnx*"))}
+                          for d in (base, Path(f"{base}-onnx"), Path(f"{base}-w8")) if d.is_dir()
+                          for p in sorted(d.rglob("*")) if p.name.startswith(("model.onnx", "diffusion_pytorch_model",
+                                                                             "model.safetensors"))}
     return common.write_json(out, result)
 
 
@@ -162,17 +162,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-images", default=None)
     p.add_argument("--out", type=Path)
     p.add_argument("--max-rss-gb", type=float, default=None)
+    p.add_argument("--min-available-gb", type=float, default=1.5,
+                   help="kill a stage when the machine's MemAvailable falls below this (shared machines)")
     p.add_argument("--quantize-args", nargs=argparse.REMAINDER, default=[],
                    help="extra `zoodip quantize` options, e.g. --gate-resolution 256")
+    p.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="run these stages only (each still skipped when its output exists); earlier results in --out are kept")
     p.add_argument("--stage", choices=("replica", "parity"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.stage == "replica":
         return write(a.scale, str(a.base))
     if a.stage == "parity":
         return parity(str(a.base), f"{a.base}-onnx", f"{a.base}-parity.json")
-    if not a.out or not a.calib_images:
-        p.error("--out and --calib-images are required")
-    print(f"wrote {run(a.scale, a.base.resolve(), a.calib_images, a.out, a.max_rss_gb, a.quantize_args)}")
+    if not a.out or (not a.calib_images and "quantize_w8" in a.only):
+        p.error("--out is required, and --calib-images for the quantize_w8 stage")
+    path = run(a.scale, a.base.resolve(), a.calib_images, a.out, a.max_rss_gb, a.quantize_args, tuple(a.only),
+               a.min_available_gb)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

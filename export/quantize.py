@@ -299,20 +299,24 @@ def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feed
         _release_memory()                              # the calibration session's weights, before the quantizer's
         _qdq_optimum(src, dst, ranges)
         return
-    model = onnx.load(str(src))
-    if cfg.scheme == "w8" and cfg.static:
-        wo.int8_weight_only(model)                     # plain QDQ: what NPU execution providers read
-    elif cfg.scheme == "w8-fast":
-        model = _w8_fast(model, sub, src, cfg, feeds)
+    if cfg.scheme == "w8-fast":
+        model = _w8_fast(onnx.load(str(src)), sub, src, cfg, feeds)
     elif cfg.scheme in ("w8", "w4"):
-        # w4 keeps the text encoder at 8 bits: it is ~12% of SD 1.5's weights but carries the learned token,
-        # and 4 bits missed gate 1 there (cosine 0.970 on the SD 1.5 replica, 0.983 on the tiny model).
-        bits, block = (8, W8_BLOCK) if cfg.scheme == "w8" or sub.startswith("text_encoder") else (4, cfg.block_size)
-        model = wo.nbits_matmul(model, bits, block, cfg.matmul_accuracy_level)
-        wo.int8_weight_only(model, ("Conv", "Gemm"))   # convolutions and 2-D Gemms: INT8 (MatMulNBits is MatMul only)
+        # Weight-only schemes stream: the graph is loaded without its external data and each weight is read when
+        # it is quantized, so memory holds the quantized model, not the fp32 one (SDXL's UNet: 10.3 GB fp32).
+        model, base = onnx.load(str(src), load_external_data=False), src.parent
+        if cfg.scheme == "w8" and cfg.static:
+            wo.int8_weight_only(model, base_dir=base)   # plain QDQ: what NPU execution providers read
+        else:
+            # w4 keeps the text encoder at 8 bits: it is ~12% of SD 1.5's weights but carries the learned token,
+            # and 4 bits missed gate 1 there (cosine 0.970 on the SD 1.5 replica, 0.983 on the tiny model).
+            bits, block = (8, W8_BLOCK) if cfg.scheme == "w8" or sub.startswith("text_encoder") else (4, cfg.block_size)
+            model = wo.nbits_matmul(model, bits, block, cfg.matmul_accuracy_level, base_dir=base)
+            wo.int8_weight_only(model, ("Conv", "Gemm"), base_dir=base)   # convolutions and 2-D Gemms: INT8
+        wo.load_remaining(model, base)                  # norms, biases: the new file carries its own bytes
     else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
-        model = convert_float_to_float16(model, keep_io_types=True)
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     save_model(model, dst)
 
 

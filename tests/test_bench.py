@@ -161,3 +161,35 @@ def test_toy_split_parts_add_up_and_shares_follow_the_spectrum():
     p = split(v0, v0 + dv, moment)
     assert np.allclose(p["stiff"] + p["flat"], dv) and np.allclose(p["stiff"], np.eye(d)[0])
     assert np.isclose(p["flat_share"], 0.9) and np.isclose(p["top16_share"], 1.0)   # d < 16: all of it
+
+
+def test_run_guarded_stops_a_child_at_its_data_limit_or_rss_cap(tmp_path):
+    import sys
+    grow = "import numpy as np, time; a = np.ones(2 ** 28); time.sleep(30)"      # 2 GiB, every page touched
+    r = common.run_guarded([sys.executable, "-c", grow], tmp_path / "a.log", data_limit_gb=1.0, min_available_gb=None)
+    assert r["returncode"] != 0 and r["killed"] is None and "MemoryError" in (tmp_path / "a.log").read_text()
+    small = "import numpy as np, time; a = np.ones(2 ** 25); time.sleep(30)"     # 256 MiB
+    r = common.run_guarded([sys.executable, "-c", small], tmp_path / "b.log", max_rss_gb=0.15, min_available_gb=None)
+    assert r["killed"].startswith("RSS") and r["returncode"] != 0 and r["wall_seconds"] < 20
+    assert r["rss_timeline"] and max(v for _, v in r["rss_timeline"]) > 0.15
+
+
+def test_sdxl_plot_and_tables_from_results(tmp_path):
+    from bench.sd import plot_xl, torch_ti_xl
+    proc = {"returncode": 0, "killed": None, "data_limit_gb": 16.0}
+    fits = torch_ti_xl.classify({"peak_rss_gb": 15.2, "step_seconds": 80.0, "step_cpu_seconds": 150.0}, proc, "", 16.0)
+    oom = torch_ti_xl.classify({}, {**proc, "returncode": 1}, "RuntimeError: DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 1 bytes.", 16.0)
+    oom["saved_only"] = {"fits": True, "lower_bound_step_peak_gb": 31.5, "loaded_rss_gb": 13.4, "saved_tensor_gb": 18.1}
+    ti = {"resolutions": {"256": fits, "1024": oom}, "machine": {"mem_total_gib": 23.54}}
+    zoodip = [{"config": {"resolution": r}, "peak_rss_gb": g, "step_seconds": s, "forward_passes_per_step": 3,
+               "scheme": "w8"} for r, g, s in ((1024, 4.1, 300.0), (512, 3.2, 90.0))]
+    stages = {"stages": {"replica": {"reused": True}, "export": {"peak_rss_gb": 11.0, "wall_seconds": 1149,
+                                                                  "user_seconds": 272}}}
+    md = plot_xl.render(ti, zoodip, stages)
+    assert "| zoodip w8 | 512 | 3.20 |" in md and "goal <= 4.5 GiB: met" in md
+    assert "| PyTorch TI (fp32) | 256 | 15.20 | 80.0 |" in md
+    assert "| PyTorch TI (fp32) | 1024 | > 16.0 |" in md and ">= 31.5 GiB = 13.4 resident + 18.1 kept" in md
+    assert "| export (`zoodip export`) | 11.00 | 19.1 |" in md and "zoodip replica" not in md    # reused: no row
+    png = plot_xl.plot(ti, zoodip, tmp_path / "xl.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -209,6 +209,41 @@ def test_consolidate_streams_per_tensor_files_into_one(xl_exported, tmp_path):
     assert not consolidate_external_data(src)    # inline weights: nothing to do
 
 
+@pytest.mark.parametrize("scheme", ["w8", "w4"])
+def test_weight_only_streams_external_weights_to_the_same_model(xl_exported, tmp_path, scheme):
+    """UNet with its weights in model.onnx_data (the >2 GB layout): quantized from the graph alone, one weight
+    read at a time, it is the model the whole-model path writes, node for node and tensor for tensor."""
+    from onnx import numpy_helper
+    from export import weight_only as wo
+    from export.quantize import W8_BLOCK
+    src = ModelDir.open(xl_exported).onnx("unet")
+    path = tmp_path / "unet" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(onnx.load(str(src)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx_data", size_threshold=256)
+    bits, block = (8, W8_BLOCK) if scheme == "w8" else (4, 32)
+
+    def quantize(model, base=None):
+        model = wo.nbits_matmul(model, bits, block, 1, base_dir=base)
+        wo.int8_weight_only(model, ("Conv", "Gemm"), base_dir=base)
+        if base is not None:
+            wo.load_remaining(model, base)
+        return model
+
+    whole = quantize(onnx.load(str(path)))
+    lazy = onnx.load(str(path), load_external_data=False)
+    assert sum(n.op_type == "MatMul" for n in lazy.graph.node) > 10 and wo._streamable(lazy)
+    streamed = quantize(lazy, path.parent)
+    assert list(whole.graph.node) == list(streamed.graph.node)          # names, inputs, attributes (bits, K, N)
+    assert {(o.domain, o.version) for o in whole.opset_import} == {(o.domain, o.version) for o in streamed.opset_import}
+    arrays = lambda m: {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    a, b = arrays(whole), arrays(streamed)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in streamed.graph.initializer)
+    with pytest.raises(ValueError, match="base_dir"):
+        wo.int8_weight_only(onnx.load(str(path), load_external_data=False), ("Conv",))
+
+
 def test_source_checks_name_the_problem(xl_diffusers, tmp_path):
     import shutil
     from export.source import check_architecture
@@ -440,3 +475,64 @@ main(['train', {str(xl_exported)!r}, '--images', {str(photos)!r}, '--token', 'sk
     r = run_without_torch(code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "learned_embeds.safetensors").is_file()
+
+
+def test_torch_ti_xl_trains_only_the_placeholder_rows_of_both_encoders(xl_diffusers, photos):
+    import torch
+    from bench.sd import torch_ti_xl as ti
+    from zo_runtime.latents import load_image, list_images
+
+    cfg = ti.TorchTIXLConfig(resolution=32, steps=1, warmup=0, max_images=2)
+    parts = ti.load(xl_diffusers, photos, cfg)
+    assert parts.latents.shape == (2, 4, 16, 16) and parts.time_ids.shape == (2, 6)
+    geometry = []
+    for path in list_images(photos)[:2]:
+        load_image(path, 32, geometry)
+    assert parts.time_ids.tolist() == [g[0] for g in geometry]          # zoodip's time ids of the same photos
+    ids = ti.prompt_ids(parts, cfg)
+    assert all(pid in i[0].tolist() for pid, i in zip(parts.placeholder_ids, ids))
+    tables = [e.get_input_embeddings().weight for e in parts.encoders]
+    before = [t.detach().clone() for t in tables]
+    ti.xl_loss(parts, ids, torch.Generator().manual_seed(0)).backward()
+    for t, pid in zip(tables, parts.placeholder_ids):
+        assert t.grad.abs().sum(dim=1).nonzero().flatten().tolist() == [pid]    # both rows get a true gradient
+    assert not any(p.grad is not None for p in parts.unet.parameters())
+    parts.optimizer.zero_grad(set_to_none=True)
+    step = ti.xl_step(parts, ids, torch.Generator().manual_seed(1))
+    assert np.isfinite(step["loss"]) and step["backward_s"] > 0
+    for t, b, pid in zip(tables, before, parts.placeholder_ids):
+        assert (t.detach() - b).abs().sum(dim=1).nonzero().flatten().tolist() == [pid]
+    saved = ti.saved_bytes(parts, ids, torch.Generator().manual_seed(2))
+    assert saved["saved_tensor_gb"] > 0 and saved["saved_storages"] > 10
+
+
+def test_torch_ti_xl_runs_and_sweep_entries_say_what_did_not_fit(xl_diffusers, photos, monkeypatch, tmp_path):
+    import json
+    from bench.sd import torch_ti_xl as ti
+
+    cfg = ti.TorchTIXLConfig(resolution=32, steps=1, warmup=1, max_images=2)
+    step, bound = ti.run(xl_diffusers, photos, cfg), ti.run(xl_diffusers, photos, cfg, saved_only=True)
+    assert step["mode"] == "step" and step["peak_rss_gb"] > 0.05 and step["step_seconds"] > 0
+    assert bound["lower_bound_step_peak_gb"] > bound["loaded_rss_gb"] > 0 and "step_seconds" not in bound
+    proc = {"returncode": 1, "killed": None}
+    torch_oom = "RuntimeError: [enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: " \
+                "you tried to allocate 671088640 bytes. Error code 12 (Cannot allocate memory)"
+    e = ti.classify({}, proc, f"Traceback ...\n{torch_oom}\n", 16.0)
+    assert not e["fits"] and e["needs_more_than_gb"] == 16.0 and "allocate" in e["error"]
+    low = ti.classify({}, {"returncode": -9, "killed": "machine MemAvailable 1.2 GiB < 1.5 GiB"}, "", 16.0)
+    assert low["machine_low"] and "needs_more_than_gb" not in low
+    # the sweep: a run that does not fit gets a forward-only bound; the largest fitting resolution is kept
+    fake = {32: {**step, "process": {}, "fits": True}, 64: {"process": {}, "fits": False, "machine_low": False}}
+    monkeypatch.setattr(ti, "_one", lambda base, images, res, extra, *a: bound if "--saved-only" in extra else fake[res])
+    out = ti.sweep(xl_diffusers, photos, [32, 64], tmp_path / "ti.json", 8.0, None, 1, 1, tmp_path / "logs")
+    res = json.loads(out.read_text())
+    assert res["largest_fitting_resolution"] == 32 and res["resolutions"]["64"]["saved_only"]["mode"] == "saved_only"
+
+
+def test_zoodip_train_bench_counts_both_encoders_of_an_sdxl_step(xl_exported, photos, tmp_path):
+    from bench.sd import zoodip_train
+    res = zoodip_train.run(xl_exported, photos, tmp_path / "o", steps=3, warmup=1, resolution=32, token="sks",
+                           init="dog", seed=0, progress=False)
+    calls = res["session_calls"]
+    assert calls["unet"] == 9 and calls["text_encoder"] == calls["text_encoder_2"] == 3    # 3 passes a step
+    assert res["text_encoder_seconds_per_step"] > 0 and 0 <= res["outside_session_run_share"] < 1

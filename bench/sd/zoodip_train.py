@@ -24,6 +24,7 @@ from .. import common
 # Defaults of the measurement (not of zoodip): few steps, because one fp32 step at 512 px is ~15 s here.
 STEPS = 4          # timed steps = STEPS - WARMUP
 WARMUP = 1         # the first step pays session warm-up and buffer allocation
+STEP_SUBMODELS = ("text_encoder", "text_encoder_2", "unet")   # a step's session calls (SDXL: both encoders)
 
 
 class RunTimer:
@@ -98,7 +99,7 @@ def run(model_dir: str | Path, images_dir: str | Path, out_dir: Path, steps: int
     timed = rows[warmup:] or rows
     step_s = [float(r["seconds"]) for r in timed]
     run_s = _session_seconds_in_steps(timer, rows, len(timed))
-    starts = [t for sub, t, _ in timer.events if sub in ("text_encoder", "unet")]
+    starts = [t for sub, t, _ in timer.events if sub in STEP_SUBMODELS]
     steps_from = min(starts) - rss.t0 if starts else None    # set-up (sessions, VAE encoding) ends here
     passes = getattr(cfg, "passes", None) or int(getattr(cfg, "queries", 2)) + 1
     return {
@@ -115,7 +116,7 @@ def run(model_dir: str | Path, images_dir: str | Path, out_dir: Path, steps: int
         "forward_passes_per_step": passes,
         "session_run_seconds_per_step": run_s and run_s["total"],
         "unet_seconds_per_step": run_s and run_s["unet"],
-        "text_encoder_seconds_per_step": run_s and run_s["text_encoder"],
+        "text_encoder_seconds_per_step": run_s and run_s["text_encoder"],     # SDXL: both encoders
         # Same process, same load: a step against its own UNet passes (the issue's n+1 forwards + 5% bound).
         "step_over_unet_seconds": (round(common.time_stats(step_s)["mean"] / run_s["unet"], 4)
                                    if run_s and run_s["unet"] and step_s else None),
@@ -153,17 +154,18 @@ def _trainer_share(timed: list[dict]) -> float | None:
 
 
 def _session_seconds_in_steps(timer: RunTimer, rows: list[dict], n_timed: int) -> dict | None:
-    """Mean text-encoder and UNet session seconds per step over the last `n_timed` steps.
+    """Mean text-encoder (SDXL: both) and UNet session seconds per step over the last `n_timed` steps.
 
     Calls are grouped into steps by count: every step makes the same number of text-encoder and UNet
     calls (set-up calls are VAE-encoder ones), so the last n_timed * calls_per_step calls are the timed steps.
     """
-    step_events = [e for e in timer.events if e[0] in ("text_encoder", "unet")]
+    step_events = [e for e in timer.events if e[0] in STEP_SUBMODELS]
     if not rows or not step_events or len(step_events) % len(rows):
         return None
     per_step = len(step_events) // len(rows)
     last = step_events[-n_timed * per_step:]
-    sums = {sub: sum(d for s, _, d in last if s == sub) / n_timed for sub in ("text_encoder", "unet")}
+    sums = {"text_encoder": sum(d for s, _, d in last if s.startswith("text_encoder")) / n_timed,
+            "unet": sum(d for s, _, d in last if s == "unet") / n_timed}
     return {"total": round(sum(sums.values()), 4), **{k: round(v, 4) for k, v in sums.items()}}
 
 
