@@ -17,10 +17,8 @@ Which tool does what, and why:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -38,6 +36,8 @@ from ._fs import swap_in, umask_modes
 from . import gates as gt
 from . import int8_compute as ic
 from .fused_attention import fuse_attention
+from . import model_files as mf
+from . import qdq
 from . import weight_only as wo
 
 SCHEMES = ("w8a8", "w8", "w4", "fp16", "w8-fast")
@@ -46,7 +46,6 @@ STATIC_TARGETS = ("qnn", "openvino", "npu-static")
 VAES = ("vae_encoder", "vae_decoder")
 # w8 MatMul block: 64 divides SD's 320/640/768/1280, and one fp32 scale per 64 weights costs 6% over INT8.
 W8_BLOCK = 64
-TWO_GB = 2 * 1024 ** 3 - 64 * 1024 ** 2   # protobuf's limit, with room for the graph itself
 # w8-fast: int8 compute per UNet group (export.int8_compute), the rest as w8. Chosen from the per-group ZO
 # study on the trained toy model and the kernel times on the SD 1.5 replica (docs/fast_pass.md).
 FAST_PLAN = "attention=block,feed_forward=block"
@@ -193,7 +192,7 @@ def quantize_model(source: str | Path, out: str | Path, config: QuantizeConfig =
 
 def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
     """Everything but the final rename: copy, quantize each submodel, fix shapes, measure gates."""
-    _copy_support_files(src, tmp)
+    mf.copy_support_files(src, tmp)
     res = cfg.resolution or int(src.manifest["native_resolution"])
     factor = int(src.manifest["vae_scale_factor"])
     if res % (factor * 8):
@@ -210,13 +209,13 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
     for sub in tqdm(src.submodels, desc=f"quantize {cfg.scheme}", unit="submodel"):
         start = time.perf_counter()
         gates[sub] = _submodel_with_gate(sub, src, tmp, cfg, (calib, held), alphas, shapes)
-        _release_memory()
-        stats[sub] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": _peak_rss_gb()}
+        mf.release_memory()
+        stats[sub] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": mf.peak_rss_gb()}
     start = time.perf_counter()
     gates["unet"].update(gt.conditioning_fidelity(src.onnx("unet"), tmp / "unet" / "model.onnx", held, alphas,
                                                   cfg.gate_samples, cfg.seed + 2, batch))
     gates["zo"] = _zo_gate(src, tmp, held, alphas, cfg, batch)
-    stats["gates_cond_zo"] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": _peak_rss_gb()}
+    stats["gates_cond_zo"] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": mf.peak_rss_gb()}
     train_mu = training_mu(gates["zo"], cfg)
     deciding = None                       # w8, w4, ...: every measured mu decides
     if cfg.fast or cfg.train_mu is not None:   # the training mu decides (w8-fast without one: its largest try)
@@ -258,20 +257,20 @@ def _submodel_with_gate(sub: str, src: ModelDir, tmp: Path, cfg: QuantizeConfig,
     n = {"text_encoder": cfg.text_samples, "text_encoder_2": cfg.text_samples,
          "unet": cfg.calib_samples}.get(sub, len(calib.images))
     n_held = cfg.gate_samples if sub not in VAES else len(held.images)
-    ins = _inputs(src.onnx(sub))
+    ins = mf.graph_inputs(src.onnx(sub))
     _quantize_submodel(sub, src.onnx(sub), dst, cfg,
                        lambda: cal.calibration_feeds(sub, calib, alphas, n, cfg.seed, ins))
-    _release_memory()
+    mf.release_memory()
     if shapes:
-        fix_static_shapes(dst, sub, src, shapes)
+        qdq.fix_static_shapes(dst, sub, src, shapes)
     held_feeds = cal.calibration_feeds(sub, held, alphas, n_held, cfg.seed + 1, ins)
     gate = gt.output_fidelity(src.onnx(sub), dst, held_feeds, batch, sub)
     if sub in VAES:
         gate["quantized"] = gt.vae_passes(gate)
         if not gate["quantized"]:  # the VAE is outside the training loop: keep it float, and say so
-            _replace_with_float(src.onnx(sub), dst)
+            mf.replace_with_float(src.onnx(sub), dst)
             if shapes:
-                fix_static_shapes(dst, sub, src, shapes)
+                qdq.fix_static_shapes(dst, sub, src, shapes)
     return gate
 
 
@@ -290,14 +289,14 @@ def _zo_gate(src: ModelDir, tmp: Path, held: cal.RealInputs, alphas, cfg: Quanti
 def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feeds) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if cfg.scheme == "w8a8" and cfg.target == "qnn":
-        _qdq_qnn(src, dst, lambda ops: cal.stream_minmax(src, feeds(), op_types=ops, chunk=cfg.chunk,
+        qdq.qdq_qnn(src, dst, lambda ops: cal.stream_minmax(src, feeds(), op_types=ops, chunk=cfg.chunk,
                                                          desc=f"calibrate {sub}"))
         return
     if cfg.scheme == "w8a8":
         from onnxruntime.quantization.registry import QDQRegistry   # the op types Optimum's QDQ config quantizes
         ranges = cal.stream_minmax(src, feeds(), op_types=list(QDQRegistry), chunk=cfg.chunk, desc=f"calibrate {sub}")
-        _release_memory()                              # the calibration session's weights, before the quantizer's
-        _qdq_optimum(src, dst, ranges)
+        mf.release_memory()                              # the calibration session's weights, before the quantizer's
+        qdq.qdq_optimum(src, dst, ranges)
         return
     if cfg.scheme == "w8-fast":
         model = _w8_fast(onnx.load(str(src)), sub, src, cfg, feeds)
@@ -317,7 +316,7 @@ def _quantize_submodel(sub: str, src: Path, dst: Path, cfg: QuantizeConfig, feed
     else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    save_model(model, dst)
+    mf.save_model(model, dst)
 
 
 def _w8_fast(model: onnx.ModelProto, sub: str, src: Path, cfg: QuantizeConfig, feeds) -> onnx.ModelProto:
@@ -341,136 +340,6 @@ def _w8_fast(model: onnx.ModelProto, sub: str, src: Path, cfg: QuantizeConfig, f
     model = wo.nbits_matmul(model, 8, W8_BLOCK, cfg.matmul_accuracy_level)   # the other MatMuls: fp32 compute
     wo.int8_weight_only(model, ("Conv", "Gemm"))
     return model
-
-
-def _qdq_optimum(src: Path, dst: Path, ranges) -> None:
-    """Static QDQ, per-channel INT8 weights, UINT8 activations, with our ranges (Optimum's ORTQuantizer)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # ORTQuantizer looks for a transformers config; never online
-    logging.getLogger("optimum.onnxruntime.quantization").setLevel(logging.ERROR)   # "could not load the config"
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-    qconfig = AutoQuantizationConfig.avx512_vnni(is_static=True, per_channel=True)   # u8 activations, s8 weights
-    quantizer = ORTQuantizer.from_pretrained(src.parent, file_name=src.name)
-    quantizer.quantize(qconfig, dst.parent, file_suffix=None, calibration_tensors_range=ranges,
-                       use_external_data_format=_weight_bytes(src) > TWO_GB)
-    (dst.parent / "ort_config.json").unlink(missing_ok=True)   # Optimum's record; the manifest has ours
-
-
-def _qdq_qnn(src: Path, dst: Path, calibrate) -> None:
-    """QNN HTP: uint16 activations, uint8 weights, QNN's overrides; opset < 21 gets com.microsoft Q/DQ (QNN takes it).
-
-    calibrate(op_types) -> TensorsData: ranges of the tensors of the op types QNN's config quantizes.
-    """
-    from onnxruntime.quantization import QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
-
-    qc = get_qnn_qdq_config(str(src), calibration_data_reader=None, activation_type=QuantType.QUInt16,
-                            weight_type=QuantType.QUInt8)
-    cache = dst.parent / "calibration.json"
-    save_tensors_data(calibrate(qc.op_types_to_quantize), cache)
-    try:
-        quantize_static(str(src), str(dst), None, quant_format=qc.quant_format, op_types_to_quantize=qc.op_types_to_quantize,
-                        per_channel=qc.per_channel, activation_type=qc.activation_type, weight_type=qc.weight_type,
-                        nodes_to_exclude=qc.nodes_to_exclude, use_external_data_format=_weight_bytes(src) > TWO_GB,
-                        calibrate_method=qc.calibrate_method, extra_options=qc.extra_options,
-                        calibration_cache_path=str(cache))
-    finally:
-        cache.unlink(missing_ok=True)
-
-
-def static_input_shapes(sub: str, src: ModelDir, shapes: dict) -> dict[str, list[int]]:
-    """Fixed input and output shapes of one submodel: batch, 77 tokens, fixed pixels and latents."""
-    B, H, W = shapes["batch"], shapes["height"], shapes["width"]
-    m = src.manifest
-    f, C, d, T = (int(m[k]) for k in ("vae_scale_factor", "latent_channels", "embedding_dim", "max_length"))
-    latent = [B, C, H // f, W // f]
-    unet = {"sample": latent, "encoder_hidden_states": [B, T, sum(src.dims)], "out_sample": latent}
-    te2 = {}
-    if src.is_xl:   # the second encoder's width and pooled projection, the UNet's added conditioning
-        d2, p = int(m["embedding_dim_2"]), int(m["pooled_dim"])
-        te2 = {"inputs_embeds": [B, T, d2], "pool_index": [B], "last_hidden_state": [B, T, d2], "text_embeds": [B, p]}
-        unet.update(text_embeds=[B, p], time_ids=[B, len(m["time_ids"])])
-    return {"text_encoder": {"inputs_embeds": [B, T, d], "last_hidden_state": [B, T, d]}, "text_encoder_2": te2,
-            "unet": unet,
-            "vae_encoder": {"sample": [B, 3, H, W], "latent_parameters": [B, 2 * C, H // f, W // f]},
-            "vae_decoder": {"latent_sample": latent, "sample": [B, 3, H, W]}}[sub]
-
-
-def fix_static_shapes(path: Path, sub: str, src: ModelDir, shapes: dict) -> None:
-    """Pin the dims of inputs/outputs in place (graph only; external weights stay where they are)."""
-    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
-
-    model = onnx.load(str(path), load_external_data=False)
-    fixed = static_input_shapes(sub, src, shapes)
-    for vi in model.graph.input:
-        if vi.name in fixed:
-            make_input_shape_fixed(model.graph, vi.name, fixed[vi.name])
-    for vi in model.graph.output:
-        if vi.name in fixed:
-            for dim, value in zip(vi.type.tensor_type.shape.dim, fixed[vi.name]):
-                dim.Clear()
-                dim.dim_value = value
-    onnx.save(model, str(path))
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save; models over 2 GB put their weights in model.onnx_data beside it (the export layout)."""
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB
-    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-              location="model.onnx_data")
-
-
-def _replace_with_float(src: Path, dst: Path) -> None:
-    for f in dst.parent.iterdir():
-        f.unlink()
-    for f in src.parent.iterdir():
-        if f.name.startswith("model.onnx"):
-            shutil.copy2(f, dst.parent / f.name)
-
-
-def _inputs(path: Path) -> list:
-    """Graph inputs as onnxruntime reports them (name, type string, shape), read without loading weights."""
-    from types import SimpleNamespace
-    types = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.FLOAT16: "tensor(float16)",
-             onnx.TensorProto.INT64: "tensor(int64)", onnx.TensorProto.INT32: "tensor(int32)"}
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inits = {t.name for t in graph.initializer}
-    return [SimpleNamespace(name=i.name, type=types.get(i.type.tensor_type.elem_type, "tensor(float)"),
-                            shape=[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim])
-            for i in graph.input if i.name not in inits]
-
-
-def _release_memory() -> None:
-    """Hand freed heap back to the OS: after a 3.4 GB UNet proto, glibc otherwise keeps ~4 GB for the next stage."""
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc (macOS, Windows, musl): nothing to trim
-        pass
-
-
-def _peak_rss_gb() -> float:
-    """This process's resident high-water mark (Linux ru_maxrss is in KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def _weight_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
-
-
-def _copy_support_files(src: ModelDir, dst: Path) -> None:
-    """Tokenizer, scheduler, token table and anything else that is not a submodel graph or its weights."""
-    for f in sorted(src.root.rglob("*")):
-        rel = f.relative_to(src.root)
-        if not f.is_file() or f.name == MANIFEST or (rel.parts[0] in src.submodels and f.name.startswith("model.onnx")):
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dst / rel)
 
 
 def _key(src: ModelDir, cfg: QuantizeConfig) -> str:
@@ -498,9 +367,6 @@ def _reusable(out: Path, key: str, force: bool) -> bool:
 def _file_hashes(root: Path) -> dict[str, str]:
     from .manifest import file_hashes   # the exporter's definition, so both stages hash alike
     return file_hashes(root)
-
-
-
 
 
 def _rounded(obj):

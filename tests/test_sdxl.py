@@ -282,7 +282,7 @@ def test_quantize_w8_passes_gates_for_both_encoders(xl_exported, photos, tmp_pat
 
 
 def test_static_shapes_cover_the_added_inputs(xl_exported):
-    from export.quantize import static_input_shapes
+    from export.qdq import static_input_shapes
     model = ModelDir.open(xl_exported)
     shapes = {"batch": 2, "height": 32, "width": 32}
     assert static_input_shapes("text_encoder_2", model, shapes) == {

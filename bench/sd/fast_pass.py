@@ -228,7 +228,8 @@ def build_variant(export: Path, w8: Path, out: Path, plan: str, calib_px: int = 
     import os
     import shutil
     import onnx
-    from export.quantize import QuantizeConfig, _w8_fast, save_model
+    from export.model_files import save_model
+    from export.quantize import QuantizeConfig, _w8_fast
     from zo_runtime.model_dir import ModelDir
 
     if out.exists():

@@ -76,19 +76,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="training photos [default: procedural ones]")
-    p.add_argument("--short-steps", type=int, default=20)
+    p.add_argument("--short-steps", type=int, default=20, help="0: the default plan only")
     p.add_argument("--refresh", type=int, default=10)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     images = default_photos() if a.images == DEFAULT_IMAGES else a.images
     res = {"model": str(a.model), "threads": os.environ.get("ZOODIP_THREADS", "all"),
-           "default": default_plan(a.model, images, a.timeout), "short": short_run(a.model, images, a.short_steps,
-                                                                                      a.refresh),
-           "machine": common.machine_facts()}
+           "default": default_plan(a.model, images, a.timeout), "machine": common.machine_facts()}
+    if a.short_steps:
+        res["short"] = short_run(a.model, images, a.short_steps, a.refresh)
     common.write_json(a.out, res)
     print(res["default"]["plan_line"])
-    print(json.dumps({k: v for k, v in res["short"].items() if k != "plan"}, indent=1))
+    if a.short_steps:
+        print(json.dumps({k: v for k, v in res["short"].items() if k != "plan"}, indent=1))
 
 
 if __name__ == "__main__":

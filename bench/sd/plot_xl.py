@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ti", required=True, help="bench.sd.torch_ti_xl --sweep output")
     p.add_argument("--zoodip", nargs="+", required=True, help="bench.sd.zoodip_train --result files")
-    p.add_argument("--stages", help="bench.sdxl_memory output")
+    p.add_argument("--stages", help="bench.sd.sdxl_memory output")
     p.add_argument("--png")
     p.add_argument("--table")
     a = p.parse_args(argv)

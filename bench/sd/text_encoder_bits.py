@@ -27,7 +27,7 @@ def build_4bit(src: Path, work: Path, block: int) -> Path:
     import onnx
 
     from export import weight_only as wo
-    from export.quantize import save_model
+    from export.model_files import save_model
 
     dst = work / f"text_encoder_w4b{block}" / "model.onnx"
     if not dst.is_file():

@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .. import common
 from ..torch_ti import image_paths

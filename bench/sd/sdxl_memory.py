@@ -1,8 +1,8 @@
 """Peak RSS and wall time of the SDXL replica, its export and its w8 quantization, and export parity with torch.
 
-    python -m bench.sdxl_memory --scale half --base /work/runs/sdxl/half --calib-images PHOTOS \\
+    python -m bench.sd.sdxl_memory --scale half --base /work/runs/sdxl/half --calib-images PHOTOS \\
         --out bench/results/sdxl_memory_half.json --max-rss-gb 5.8
-    python -m bench.sdxl_memory --scale full --base /work/runs/sdxl/full --calib-images PHOTOS \\
+    python -m bench.sd.sdxl_memory --scale full --base /work/runs/sdxl/full --calib-images PHOTOS \\
         --out bench/results/sdxl_memory_full.json
 
 `half` is SDXL base with every width halved (channels, both text encoders, cross-attention, pooled width; same
@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
-from . import common
+from .. import common
 
 GOAL_GB = 20.0   # issue #18: SDXL export and quantize peak RSS goal on a 24 GB machine
 SCALES = ("half", "full")
@@ -105,10 +103,10 @@ def stages(scale: str, base: Path, calib: str, quantize_args: list[str]) -> list
     cli = [py, "-c", "from zoodip.cli import main; main()"]
     onnx_dir, w8 = Path(f"{base}-onnx"), Path(f"{base}-w8")
     return [
-        ("replica", base / "model_index.json", [py, "-m", "bench.sdxl_memory", "--stage", "replica", "--scale", scale,
+        ("replica", base / "model_index.json", [py, "-m", "bench.sd.sdxl_memory", "--stage", "replica", "--scale", scale,
                                                 "--base", str(base)]),
         ("export", onnx_dir / "manifest.json", [*cli, "export", str(base), str(onnx_dir)]),
-        ("parity", Path(f"{base}-parity.json"), [py, "-m", "bench.sdxl_memory", "--stage", "parity", "--base",
+        ("parity", Path(f"{base}-parity.json"), [py, "-m", "bench.sd.sdxl_memory", "--stage", "parity", "--base",
                                                  str(base)]),
         ("quantize_w8", w8 / "manifest.json", [*cli, "quantize", str(onnx_dir), str(w8), "--scheme", "w8",
                                                "--calib-images", calib, *quantize_args]),
@@ -137,10 +135,10 @@ def run(scale: str, base: Path, calib: str, out: Path, max_rss_gb: float | None,
         if done.is_file():
             result["stages"].setdefault(name, {"reused": True})
             continue
-        print(f"[bench.sdxl_memory] {name} ...", flush=True)
+        print(f"[bench.sd.sdxl_memory] {name} ...", flush=True)
         r = _run(cmd, log_dir / f"{base.name}_{name}.log", max_rss_gb, min_available_gb)
         result["stages"][name] = r
-        print(f"[bench.sdxl_memory]   {r['returncode']=} peak {r['peak_rss_gb']} GiB, {r['wall_seconds']} s", flush=True)
+        print(f"[bench.sd.sdxl_memory]   {r['returncode']=} peak {r['peak_rss_gb']} GiB, {r['wall_seconds']} s", flush=True)
         common.write_json(out, result)
         if r["returncode"] != 0:
             raise RuntimeError(f"{name} failed ({r['killed'] or 'exit ' + str(r['returncode'])}); "
