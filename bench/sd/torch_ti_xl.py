@@ -31,34 +31,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from .. import common
-from ..torch_ti import image_paths
+from ..torch_ti import TorchTIConfig, image_paths
 
 RESOLUTIONS = (256, 512, 768, 1024)
 
 
 @dataclass(frozen=True)
-class TorchTIXLConfig:
+class TorchTIXLConfig(TorchTIConfig):
+    """TorchTIConfig's settings (and checks) at SDXL's size."""
+
     resolution: int = 1024       # SDXL native
     steps: int = 2               # timed steps after warm-up (an SDXL step at 512 px is minutes on 2 cores)
-    warmup: int = 1              # the first step pays allocator growth and kernel selection
-    lr: float = 5e-3             # the paper's lr; it does not change cost
-    weight_decay: float = 1e-2   # the script's AdamW default
-    token: str = "sks"
     init: str = "dog"            # one token in both tokenizers (the same CLIP BPE)
-    template: str = "a photo of a {}"
-    max_images: int = 5
-    threads: int = 0             # 0: torch's default (all cores)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.resolution % 8 or self.resolution <= 0:
-            raise ValueError(f"resolution {self.resolution} must be a positive multiple of 8 (the VAE factor)")
-        if self.steps < 1 or self.warmup < 0:
-            raise ValueError("steps must be >= 1 and warmup >= 0")
-        if "{}" not in self.template:
-            raise ValueError(f"template {self.template!r} needs a '{{}}' for the placeholder")
 
 
 @dataclass
