@@ -27,9 +27,9 @@ COMMANDS = {
 HELP = {
     "providers": "Show onnxruntime, its execution providers, and what --provider auto picks.",
     "verify": "Check a model folder's files against the sha256 its manifest recorded.",
-    "replica": "Write a random-weight SD 1.5 / SD 2.1 architecture replica (benchmarks only).",
-    "export": "Export a diffusers SD 1.x/2.x model to zoodip's ONNX layout.",
-    "quantize": "Quantize an exported model (w8a8, w8, w4, fp16) with fidelity gates.",
+    "replica": "Write a random-weight SD 1.5 / SD 2.1 / SDXL architecture replica (benchmarks only).",
+    "export": "Export a diffusers SD 1.x / 2.x / XL model to zoodip's ONNX layout.",
+    "quantize": "Quantize an exported model (w8, w8-fast, w4, w8a8, fp16) with fidelity gates.",
     "train": "Learn a token embedding with zeroth-order textual inversion (torch-free).",
     "personalize": "One command: export, quantize, train and sample, reusing finished stages.",
     "train-many": "Train many subjects (a JSONL of jobs) across Ray workers, resumable.",

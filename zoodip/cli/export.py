@@ -20,7 +20,7 @@ REPLICAS = ("sd15", "sd21", "sdxl", "tiny", "tiny-v", "tiny-sdxl")   # export.re
                    "full: the plain graph.")
 @friendly_errors
 def export(model, out, force, opset, config, attention):
-    """Export MODEL (diffusers folder, hub id or .safetensors, SD 1.x/2.x) to OUT in zoodip's ONNX layout."""
+    """Export MODEL (diffusers folder, hub id or .safetensors, SD 1.x / 2.x / XL) to OUT in zoodip's ONNX layout."""
     from export.onnx_export import export_model
     path = export_model(model, out, force=force, opset=opset, config=config, attention=attention)
     click.echo(str(path))
@@ -32,6 +32,6 @@ def export(model, out, force, opset, config, attention):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
 @friendly_errors
 def replica(kind, out, seed):
-    """Write a random-weight diffusers folder with the exact SD 1.5 / SD 2.1 configs (benchmarks only; images are noise)."""
+    """Write a random-weight diffusers folder with the exact SD 1.5 / SD 2.1 / SDXL base configs (benchmarks only; images are noise)."""
     from export.replica import write_replica
     click.echo(str(write_replica(kind, out, seed=seed)))
