@@ -218,9 +218,9 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
                 _sample(out, run, state.step)
             if cfg.warmup_steps and len(timing) == cfg.warmup_steps:
                 plan = _plan(run, timing, steps, state.step, budget, time.perf_counter() - started, fit_budget)
-                tqdm.write(plan.line())
                 steps, bar.total = plan.steps, plan.steps
-                _write_config(out, run, images_dir, plan)
+                _write_config(out, run, images_dir, plan)      # before the line: whoever reads it finds the plan
+                tqdm.write(plan.line())
             if stop is None and budget is not None and time.perf_counter() - started > budget:
                 stop = "time budget reached"
             bar.set_postfix_str(f"loss {row['loss']:.4f} t {row['t']}", refresh=False)

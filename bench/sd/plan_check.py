@@ -50,11 +50,11 @@ def default_plan(model: Path, images: Path, timeout: float) -> dict:
     return {"plan_line": line, "plan": plan, "seconds_to_plan": round(time.perf_counter() - t0, 1)}
 
 
-def short_run(model: Path, images: Path, steps: int, refresh: int) -> dict:
+def short_run(model: Path, images: Path, steps: int, refresh: int, extra: tuple[str, ...] = ()) -> dict:
     """B: a short run; the plan's estimate for its steps after the timed ones against their measured time."""
     with tempfile.TemporaryDirectory(prefix="zoodip-plan-") as tmp:
         out = Path(tmp) / "run"
-        cmd = _cmd(model, images, out, "--steps", str(steps), "--set", f"prior_refresh={refresh}")
+        cmd = _cmd(model, images, out, "--steps", str(steps), "--set", f"prior_refresh={refresh}", *extra)
         t0 = time.time()
         proc = common.run_measured(cmd, Path(tmp) / "log")
         if proc["returncode"]:
@@ -67,7 +67,7 @@ def short_run(model: Path, images: Path, steps: int, refresh: int) -> dict:
     after = [r for r in rows if r["step"] > done]
     stepping = sum(r["seconds"] for r in after)
     estimate = plan["seconds_per_step"] * len(after)
-    return {"steps": steps, "refresh_every": refresh, "timed_steps": done, "plan": plan,
+    return {"steps": steps, "refresh_every": refresh, "extra": list(extra), "timed_steps": done, "plan": plan,
             "measured_step_seconds_sum": round(stepping, 2), "wall_seconds": proc["wall_seconds"],
             "plan_estimate_seconds": round(estimate, 2), "peak_rss_gb": proc["peak_rss_gb_wait4"], "started": t0}
 
@@ -79,15 +79,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--short-steps", type=int, default=20, help="0: the default plan only")
     p.add_argument("--refresh", type=int, default=10)
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--no-default", action="store_true", help="the short run only")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="NAME=VALUE",
+                   help="a trainer setting of the short run, repeatable (e.g. prior_prompts=1: cheaper refreshes)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     images = default_photos() if a.images == DEFAULT_IMAGES else a.images
     res = {"model": str(a.model), "threads": os.environ.get("ZOODIP_THREADS", "all"),
-           "default": default_plan(a.model, images, a.timeout), "machine": common.machine_facts()}
+           "machine": common.machine_facts()}
+    if not a.no_default:
+        res["default"] = default_plan(a.model, images, a.timeout)
+        common.write_json(a.out, res)                 # kept if the short run is stopped
+        print(res["default"]["plan_line"], flush=True)
     if a.short_steps:
-        res["short"] = short_run(a.model, images, a.short_steps, a.refresh)
+        res["short"] = short_run(a.model, images, a.short_steps, a.refresh,
+                                 tuple(x for kv in a.extra for x in ("--set", kv)))
     common.write_json(a.out, res)
-    print(res["default"]["plan_line"])
     if a.short_steps:
         print(json.dumps({k: v for k, v in res["short"].items() if k != "plan"}, indent=1))
 
