@@ -72,3 +72,17 @@ def photos(tmp_path_factory):
     for i, (img, size) in enumerate(zip(images, PHOTO_SIZES)):
         Image.fromarray(img).resize(size, Image.Resampling.BICUBIC).save(folder / f"{i:02d}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def xl_diffusers(tmp_path_factory):
+    """Path of a tiny random SDXL-shaped diffusers folder (encoder widths 32 and 48, pooled width 40)."""
+    from export.replica import write_replica
+    return write_replica("tiny-sdxl", tmp_path_factory.mktemp("tiny_sdxl") / "diffusers", seed=0)
+
+
+@pytest.fixture(scope="session")
+def xl_exported(xl_diffusers, tmp_path_factory):
+    """Path of the zoodip ONNX export of xl_diffusers."""
+    from export.onnx_export import export_model
+    return export_model(xl_diffusers, tmp_path_factory.mktemp("tiny_sdxl_onnx") / "model")
