@@ -10,7 +10,8 @@ import dataclasses
 import warnings
 
 # The settings each schedule picks. paper: the reference's (method.md); fast: what the toy-world
-# evidence supports (docs/research.md: decided on draws no earlier tuning looked at).
+# evidence supports, confirmed on draws no earlier tuning looked at (docs/schedule.md: seeds 21 and 22,
+# 8 concept runs: 0.97x backprop TI, 1.27x the same schedule with Gaussian directions).
 SCHEDULES = {
     "fast": {"steps": 3000, "lr": 5e-3, "directions": "jacobian", "early_stop": False},
     "paper": {"steps": 30000, "lr": 5e-3, "directions": "gaussian", "early_stop": False},
