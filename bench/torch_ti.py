@@ -60,6 +60,16 @@ class TIParts:
     orig_embeds: object          # (V+1, d) copy the script keeps to restore frozen rows
 
 
+
+def add_placeholder(tok, cfg: TorchTIConfig) -> tuple[int, int]:
+    """Add cfg.token to a CLIP tokenizer: (the initializer word's id, the placeholder's id); both checked."""
+    init_ids = tok.encode(cfg.init, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise ValueError(f"the initializer {cfg.init!r} must be a single token (it is {len(init_ids)})")
+    if tok.add_tokens([cfg.token]) != 1:
+        raise ValueError(f"placeholder {cfg.token!r} is already in the vocabulary; pick another")
+    return init_ids[0], tok.convert_tokens_to_ids(cfg.token)
+
 def load(model_dir: str | Path, cfg: TorchTIConfig) -> TIParts:
     """Load a diffusers SD folder and set it up for TI exactly like the diffusers script."""
     import torch
@@ -76,16 +86,11 @@ def load(model_dir: str | Path, cfg: TorchTIConfig) -> TIParts:
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
     sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    init_ids = tok.encode(cfg.init, add_special_tokens=False)
-    if len(init_ids) != 1:
-        raise ValueError(f"the initializer {cfg.init!r} must be a single token (it is {len(init_ids)})")
-    if tok.add_tokens([cfg.token]) != 1:
-        raise ValueError(f"placeholder {cfg.token!r} is already in the vocabulary; pick another")
-    pid = tok.convert_tokens_to_ids(cfg.token)
+    init_id, pid = add_placeholder(tok, cfg)
     te.resize_token_embeddings(len(tok))
     table = te.get_input_embeddings().weight                  # (V+1, d)
     with torch.no_grad():
-        table[pid] = table[init_ids[0]].clone()
+        table[pid] = table[init_id].clone()
     vae.requires_grad_(False)
     unet.requires_grad_(False)
     te.text_model.encoder.requires_grad_(False)

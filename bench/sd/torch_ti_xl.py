@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import common
-from ..torch_ti import TorchTIConfig, image_paths
+from ..torch_ti import TorchTIConfig, add_placeholder, image_paths
 
 RESOLUTIONS = (256, 512, 768, 1024)
 
@@ -68,17 +68,12 @@ def _text_encoders(root: Path, cfg: TorchTIXLConfig):
     toks, encs, pids, tables = [], [], [], []
     for k, sub in enumerate(("text_encoder", "text_encoder_2")):
         tok = CLIPTokenizer.from_pretrained(root / ("tokenizer" if k == 0 else "tokenizer_2"))
-        init = tok.encode(cfg.init, add_special_tokens=False)
-        if len(init) != 1:
-            raise ValueError(f"the initializer {cfg.init!r} must be a single token (it is {len(init)})")
-        if tok.add_tokens([cfg.token]) != 1:
-            raise ValueError(f"placeholder {cfg.token!r} is already in the vocabulary; pick another")
-        pid = tok.convert_tokens_to_ids(cfg.token)
+        init, pid = add_placeholder(tok, cfg)
         enc = load_clip(root / sub, with_projection=k == 1)
         enc.resize_token_embeddings(len(tok))
         table = enc.get_input_embeddings().weight                        # (V+1, d_k)
         with torch.no_grad():
-            table[pid] = table[init[0]].clone()
+            table[pid] = table[init].clone()
         enc.requires_grad_(False)                                        # the script freezes the encoder,
         table.requires_grad_(True)                                       # its norm and positions: only tokens learn
         mask = torch.zeros(table.shape[0], 1)
