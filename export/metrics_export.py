@@ -157,9 +157,9 @@ def export_metric_models(out: str | Path, clip: str = "openai/clip-vit-base-patc
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        torch.set_grad_enabled(False)
-        export_clip(clip, tmp)
-        export_dino(dino, tmp)
+        with torch.no_grad():          # a library call leaves the caller's grad mode as it was
+            export_clip(clip, tmp)
+            export_dino(dino, tmp)
         import onnx
         import transformers
         manifest = {"format": "zoodip-metrics/1", "clip": str(clip), "dino": str(dino), "opset": OPSET,

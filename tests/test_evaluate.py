@@ -90,6 +90,7 @@ def ev_std():
 
 def test_exported_metric_models_match_torch(tiny_metrics, tiny_metric_sources, photos):
     import torch
+    assert torch.is_grad_enabled()      # exporting (the tiny_metrics fixture) left the process's grad mode alone
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
     scorer = ev.DreamBoothScorer(tiny_metrics, provider="cpu")
     images = _photos(photos)
