@@ -49,12 +49,6 @@ def release_memory() -> None:
         pass
 
 
-def peak_rss_gb() -> float:
-    """This process's resident high-water mark (Linux ru_maxrss is in KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
 def weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
 

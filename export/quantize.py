@@ -29,7 +29,8 @@ import onnx
 from tqdm import tqdm
 
 from zo_runtime.io_utils import atomic_write_json
-from zo_runtime.model_dir import MANIFEST, ModelDir
+from zo_runtime.model_dir import MANIFEST, ModelDir, file_hashes
+from zo_runtime.plan import peak_rss_gb
 
 from . import calibration as cal
 from ._fs import swap_in, umask_modes
@@ -210,12 +211,12 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
         start = time.perf_counter()
         gates[sub] = _submodel_with_gate(sub, src, tmp, cfg, (calib, held), alphas, shapes)
         mf.release_memory()
-        stats[sub] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": mf.peak_rss_gb()}
+        stats[sub] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": peak_rss_gb()}
     start = time.perf_counter()
     gates["unet"].update(gt.conditioning_fidelity(src.onnx("unet"), tmp / "unet" / "model.onnx", held, alphas,
                                                   cfg.gate_samples, cfg.seed + 2, batch))
     gates["zo"] = _zo_gate(src, tmp, held, alphas, cfg, batch)
-    stats["gates_cond_zo"] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": mf.peak_rss_gb()}
+    stats["gates_cond_zo"] = {"seconds": time.perf_counter() - start, "peak_rss_gb_so_far": peak_rss_gb()}
     train_mu = training_mu(gates["zo"], cfg)
     deciding = None                       # w8, w4, ...: every measured mu decides
     if cfg.fast or cfg.train_mu is not None:   # the training mu decides (w8-fast without one: its largest try)
@@ -232,7 +233,7 @@ def _quantize_into(src: ModelDir, tmp: Path, cfg: QuantizeConfig) -> dict:
                                  "fused_attention": sum(n.op_type == "MultiHeadAttention" for n in unet.graph.node)}
     return dict(src.manifest, scheme=cfg.scheme, target=cfg.target, static_shapes=shapes, gates=_rounded(gates),
                 quantized_from=str(src.root.resolve()), quantize=dataclasses.asdict(cfg),
-                quantize_stats=_rounded(stats), files=_file_hashes(tmp), **extra,
+                quantize_stats=_rounded(stats), files=file_hashes(tmp), **extra,
                 zo_validated_mus=sorted(float(mu) for mu, z in gates["zo"].items() if z["corr"] >= cfg.zo_corr_min),
                 train_defaults={} if train_mu is None else {"mu": train_mu})
 
@@ -362,11 +363,6 @@ def _reusable(out: Path, key: str, force: bool) -> bool:
         return True
     raise FileExistsError(f"{out} holds a different quantization (scheme {done.manifest.get('scheme')}, other "
                           "settings or source): pass --force to replace it or choose another OUT")
-
-
-def _file_hashes(root: Path) -> dict[str, str]:
-    from .manifest import file_hashes   # the exporter's definition, so both stages hash alike
-    return file_hashes(root)
 
 
 def _rounded(obj):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,32 +28,40 @@ def run_without_torch(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BLOCK_HEAVY + code], capture_output=True, text=True)
 
 
+def _replica(tmp_path_factory, kind: str, seed: int) -> Path:
+    """A tiny random diffusers folder of export.replica's `kind`, in its own session folder."""
+    from export.replica import write_replica
+    return write_replica(kind, tmp_path_factory.mktemp(kind.replace("-", "_")) / "diffusers", seed=seed)
+
+
+def _exported(tmp_path_factory, diffusers: Path, name: str) -> Path:
+    """The zoodip ONNX export of `diffusers` (layout: zo_runtime/model_dir.py)."""
+    from export.onnx_export import export_model
+    return export_model(diffusers, tmp_path_factory.mktemp(name) / "model")
+
+
 @pytest.fixture(scope="session")
 def tiny_diffusers(tmp_path_factory):
     """Path of a tiny random SD 1.x diffusers folder (StableDiffusionPipeline.from_pretrained loads it)."""
-    from export.replica import write_replica
-    return write_replica("tiny", tmp_path_factory.mktemp("tiny") / "diffusers", seed=0)
+    return _replica(tmp_path_factory, "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_exported(tiny_diffusers, tmp_path_factory):
     """Path of the zoodip ONNX export of tiny_diffusers (layout: zo_runtime/model_dir.py)."""
-    from export.onnx_export import export_model
-    return export_model(tiny_diffusers, tmp_path_factory.mktemp("tiny_onnx") / "model")
+    return _exported(tmp_path_factory, tiny_diffusers, "tiny_onnx")
 
 
 @pytest.fixture(scope="session")
 def tiny_v_diffusers(tmp_path_factory):
     """Path of a tiny random SD 2.x-style (v-prediction, pad "!") diffusers folder."""
-    from export.replica import write_replica
-    return write_replica("tiny-v", tmp_path_factory.mktemp("tiny_v") / "diffusers", seed=1)
+    return _replica(tmp_path_factory, "tiny-v", seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_v_exported(tiny_v_diffusers, tmp_path_factory):
     """Path of the zoodip ONNX export of tiny_v_diffusers."""
-    from export.onnx_export import export_model
-    return export_model(tiny_v_diffusers, tmp_path_factory.mktemp("tiny_v_onnx") / "model")
+    return _exported(tmp_path_factory, tiny_v_diffusers, "tiny_v_onnx")
 
 
 # (width, height) of the procedural photos: odd sizes and aspect ratios exercise resizing and cropping.
@@ -77,12 +86,10 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="session")
 def xl_diffusers(tmp_path_factory):
     """Path of a tiny random SDXL-shaped diffusers folder (encoder widths 32 and 48, pooled width 40)."""
-    from export.replica import write_replica
-    return write_replica("tiny-sdxl", tmp_path_factory.mktemp("tiny_sdxl") / "diffusers", seed=0)
+    return _replica(tmp_path_factory, "tiny-sdxl", seed=0)
 
 
 @pytest.fixture(scope="session")
 def xl_exported(xl_diffusers, tmp_path_factory):
     """Path of the zoodip ONNX export of xl_diffusers."""
-    from export.onnx_export import export_model
-    return export_model(xl_diffusers, tmp_path_factory.mktemp("tiny_sdxl_onnx") / "model")
+    return _exported(tmp_path_factory, xl_diffusers, "tiny_sdxl_onnx")

@@ -147,7 +147,7 @@ def test_only_the_product_packages_are_installed(name):
 @pytest.mark.slow
 def test_a_copy_of_the_repository_works_with_nothing_beside_it(tmp_path):
     """export -> train -> generate in a copy of the tracked files, in a folder with nothing else in it
-    (so nothing can be read from ../shared or another path outside the repository)."""
+    (so nothing can be read from a folder beside the repository or elsewhere outside it)."""
     import shutil
     import subprocess
     import sys

@@ -29,6 +29,12 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def peak_rss_gb() -> float:
+    """This process's resident high-water mark in GiB (Linux reports ru_maxrss in KiB)."""
+    import resource          # POSIX only: imported where it is used
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def steps_within(seconds: float, per_step: float, cap: int) -> int:
     """How many steps of `per_step` seconds fit in `seconds` (at least 1, at most `cap`)."""
     return max(1, min(cap, int(seconds // per_step))) if per_step > 0 else cap

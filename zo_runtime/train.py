@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import resource
 import time
 import zipfile
 from pathlib import Path
@@ -177,7 +176,7 @@ def _plan(run: obj.Objective, timing: list, steps: int, done: int, budget: float
     step_s = float(np.median([t for t, _ in timing[1:] or timing]))
     overhead = (run.dirs_seconds / cfg.prior_refresh if priors.refreshes(cfg) else 0.0) \
         + (cfg.val_draws * step_s / cfg.zo.passes / cfg.val_every if cfg.early_stop else 0.0)
-    plan = pl.Plan(cfg.zo.passes, step_s, overhead, steps, done, budget, run.resolution, _peak_rss_gb())
+    plan = pl.Plan(cfg.zo.passes, step_s, overhead, steps, done, budget, run.resolution, pl.peak_rss_gb())
     if budget is not None and fit_budget:
         fit = done + pl.steps_within(budget - elapsed, plan.seconds_per_step, steps - done)
         plan = pl.Plan(cfg.zo.passes, step_s, overhead, fit, done, budget, run.resolution, plan.peak_rss_gb)
@@ -235,11 +234,6 @@ def checkpoint_step(path: Path) -> int:
     """The step a checkpoint file was saved at."""
     with np.load(path) as z:
         return int(z["step"])
-
-
-def _peak_rss_gb() -> float:
-    """This process's resident high-water mark (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def _summary(out: Path, timing: list, cfg: TrainConfig, step: int, stop: str | None, tracker: Tracker) -> None:

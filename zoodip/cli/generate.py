@@ -33,7 +33,7 @@ def generate(model, embeds, prompt, out, sets, **kw):
 @click.argument("model", type=click.Path())
 @click.option("--embeds", required=True, type=click.Path(), help="Learned-embeds .safetensors.")
 @click.option("--subject", required=True, type=click.Path(),
-              help="Folder of the subject's real photos (e.g. ../shared/datasets/dreambooth/dog).")
+              help="Folder of the subject's real photos (e.g. photos/dog).")
 @click.option("--metrics", "metrics_dir", default=None, type=click.Path(),
               help="Folder written by `zoodip export-metrics` (clip/, dino/); passed to --scorer too.")
 @click.option("--scorer", default=None, metavar="MODULE:FACTORY",
