@@ -7,6 +7,7 @@
         --out bench/results/fast_pass_engines.json --merge
     python -m bench.sd.fast_pass interleave runs/sd15-w8 runs/sd15-w8-fast --rounds 5 --out bench/results/fast_pass_interleaved.json
     python -m bench.sd.fast_pass toy-model runs/toy_quality/models    # w8-fast beside bench.toy.quality's fp32/w8
+    python -m bench.sd.fast_pass toy-model runs/toy_quality/models --plan resnet=static --out FILE.json   # gates only
     python -m bench.sd.fast_pass build runs/sd15-onnx runs/sd15-w8 runs/sd15-v-static --plan resnet=static,conv=static
     python -m bench.sd.fast_pass toy-ratio TOY_QUALITY.json ... --method zoodip_fast --reference zoodip --out FILE.json
     python -m bench.sd.fast_pass report --results bench/results --out bench/results/fast_pass_tables.md
@@ -48,9 +49,11 @@ def unet_feeds(model, resolution: int, batch: int = 1, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     shape = model.inputs["timestep"].shape
     t = np.array(700.0, np.float32) if not shape else np.full([batch] * len(shape), 700.0, np.float32)
+    width = model.inputs["encoder_hidden_states"].shape[-1]          # 768 (SD 1.x) unless the graph fixes it
     return {"sample": rng.standard_normal((batch, 4, resolution // 8, resolution // 8), dtype=np.float32),
             "timestep": t,
-            "encoder_hidden_states": rng.standard_normal((batch, 77, 768), dtype=np.float32)}
+            "encoder_hidden_states": rng.standard_normal((batch, 77, width if isinstance(width, int) else 768),
+                                                         dtype=np.float32)}
 
 
 class _Unet:
@@ -283,10 +286,29 @@ def toy_model(models: Path) -> Path:
                           QuantizeConfig(scheme="w8-fast", calib_images=str(models / "calib")))
 
 
+def toy_plans(models: Path, plans: list[str]) -> dict:
+    """Each int8 plan quantized on the toy model (MODELS/v-<i>, gates recorded, not enforced): the gates the
+    trainer's mus would see. The plan is added to w8-fast's own (export.quantize.FAST_PLAN)."""
+    from export.quantize import FAST_PLAN, QuantizeConfig, quantize_model
+    rows = []
+    for i, extra in enumerate(plans):
+        plan = ",".join(filter(None, (FAST_PLAN, extra)))
+        out = quantize_model(models / "fp32", models / f"v-{i}", QuantizeConfig(
+            scheme="w8-fast", calib_images=str(models / "calib"), int8_plan=plan, gate=False))
+        g = json.loads((out / "manifest.json").read_text())["gates"]
+        rows.append({"plan": plan, "cond_cosine": g["unet"]["cond_cosine"], "output_cosine": g["unet"]["cosine"],
+                     "zo_corr": {mu: v["corr"] for mu, v in g["zo"].items()}, "failed": g["failed"]})
+        print(f"{plan}: cond {rows[-1]['cond_cosine']}, zo {rows[-1]['zo_corr']}", flush=True)
+    return {"what": "toy model, w8-fast plus each plan: quantize gates (trainer perturbations)", "plans": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("toy-model").add_argument("models", type=Path)
+    tm = sub.add_parser("toy-model")
+    tm.add_argument("models", type=Path)
+    tm.add_argument("--plan", action="append", default=[], help="extra int8 plans to gate (MODELS/v-<i>), not build w8-fast")
+    tm.add_argument("--out", type=Path, help="--plan: JSON file of the gates")
     il = sub.add_parser("interleave")
     il.add_argument("models", nargs="+")
     il.add_argument("--rounds", type=int, default=5)
@@ -335,6 +357,11 @@ def main(argv: list[str] | None = None) -> None:
         common.write_json(a.out, out)
         for k, v in res["models"].items():
             print(f"{k}: {v['unet_pass_s']['median']} s, x{v['ratio_to_reference']['median']} of {res['reference']}")
+    elif a.cmd == "toy-model" and a.plan:
+        res = toy_plans(a.models, a.plan)
+        res.update(machine=common.machine_facts(),
+                   command="python -m bench.sd.fast_pass " + " ".join(sys.argv[1:] if argv is None else argv))
+        common.write_json(a.out or Path("toy_plans.json"), res)
     elif a.cmd == "toy-model":
         print(f"wrote {toy_model(a.models)}")
     elif a.cmd == "report":

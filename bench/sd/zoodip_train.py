@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--warmup", type=int, default=WARMUP)
     p.add_argument("--unet-batch", default=None, help="passed to the trainer when it has this option")
+    p.add_argument("--provider", default=None, help="execution provider (the trainer's default: auto)")
     p.add_argument("--out", default=None, help="training output folder (default: a temporary one)")
     p.add_argument("--result", required=True)
     a = p.parse_args(argv)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="zoodip-bench-train-") as tmp:
         out_dir = Path(a.out) if a.out else Path(tmp) / "out"
         res = run(a.model, a.images, out_dir, a.steps, a.warmup, resolution=a.resolution,
-                  unet_batch=a.unet_batch, token="sks", init="dog", seed=0)
+                  unet_batch=a.unet_batch, provider=a.provider, token="sks", init="dog", seed=0)
     res["machine"] = common.machine_facts()
     common.write_json(a.result, res)
 

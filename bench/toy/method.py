@@ -53,6 +53,10 @@ ZO_METHODS = {
     # int8-compute UNet at the mu its quantization validated (the toy w8-fast manifest's train_defaults.mu);
     # WORK/models/w8-fast is made by `python -m bench.sd.fast_pass toy-model WORK/models`
     "zoodip_fast": ("w8-fast", {"mu": 3e-3}, "zoodip, w8-fast (int8 compute), mu 3e-3"),
+    # the default (fast) schedule on w8-fast at its validated mu, paired with zoodip_jsub_lr5e3 (w8, mu 1e-3)
+    "zoodip_jsub_lr5e3_fast": ("w8-fast", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
+                                           "lr": 5e-3, "mu": 3e-3},
+                               "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 3e-3"),
     # n queries batched in one call, lr scaled so the drift per pass matches n = 2 at lr 2e-2 (an estimate's
     # signal grows as sqrt(n); ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift the
     # walk's variance per pass is 2 (n + 1) / (3 n) of n = 2's: 0.75 at n = 8, 0.71 at n = 16
