@@ -80,6 +80,7 @@ def report(results: Path) -> str:
             continue
         out.append(f"| {plan} | {f(r['cond_cosine'])} ({f(r['cond_cosine_min'])}) | {zo(r, mus)} | "
                    f"{zo(rows_t.get(plan), mus)} |")
+    out += _conv_plans(_load(results, "int8_conv_plans_toy.json"))
     prof = _load(results, "fast_pass_profile.json").get("models", {})
     if prof:
         groups = sorted({g for m in prof.values() for g in m["by_group"]}, key=lambda g: -prof.get("fp32", next(
@@ -105,3 +106,17 @@ def report(results: Path) -> str:
                 f"{by[op, k]['median_ms']:.1f} ({by[op, k]['rel_error']:.3f})" if (op, k) in by else "-"
                 for k in kinds) + " |")
     return "\n".join(out) + "\n"
+
+
+def _conv_plans(res: dict) -> list[str]:
+    """w8-fast plus int8 convolutions, through `zoodip quantize`'s own gates (trainer perturbations)."""
+    if not res:
+        return []
+    out = ["", "### w8-fast plus int8 convolutions: quantize's gates on the toy model (`fast_pass toy-model --plan`)",
+           "", "| int8 plan | cond cos (gate >= 0.9) | output cos | ZO corr, train, mu 1e-3 / 3e-3 / 1e-2 | gates |",
+           "|---|---|---|---|---|"]
+    for r in res["plans"]:
+        zo = " / ".join(f"{r['zo_corr'][mu]:.3f}" for mu in ("0.001", "0.003", "0.01"))
+        out.append(f"| {r['plan']} | {r['cond_cosine']:.3f} | {r['output_cosine']:.5f} | {zo} | "
+                   f"{'; '.join(r['failed']) or 'pass'} |")
+    return out
