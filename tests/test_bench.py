@@ -181,7 +181,8 @@ def test_sdxl_plot_and_tables_from_results(tmp_path):
     oom = torch_ti_xl.classify({}, {**proc, "returncode": 1}, "RuntimeError: DefaultCPUAllocator: can't allocate "
                                "memory: you tried to allocate 1 bytes.", 16.0)
     oom["saved_only"] = {"fits": True, "lower_bound_step_peak_gb": 31.5, "loaded_rss_gb": 13.4, "saved_tensor_gb": 18.1}
-    ti = {"resolutions": {"256": fits, "1024": oom}, "machine": {"mem_total_gib": 23.54}}
+    fits512 = torch_ti_xl.classify({"peak_rss_gb": 18.2, "step_seconds": 160.0}, proc, "", 16.0)
+    ti = {"resolutions": {"256": fits, "512": fits512, "1024": oom}, "machine": {"mem_total_gib": 23.54}}
     zoodip = [{"config": {"resolution": r}, "peak_rss_gb": g, "step_seconds": s, "forward_passes_per_step": 3,
                "scheme": "w8"} for r, g, s in ((1024, 4.1, 300.0), (512, 3.2, 90.0))]
     stages = {"stages": {"replica": {"reused": True}, "export": {"peak_rss_gb": 11.0, "wall_seconds": 1149,
@@ -190,6 +191,8 @@ def test_sdxl_plot_and_tables_from_results(tmp_path):
     assert "| zoodip w8 | 512 | 3.20 |" in md and "goal <= 4.5 GiB: met" in md
     assert "| PyTorch TI (fp32) | 256 | 15.20 | 80.0 |" in md
     assert "| PyTorch TI (fp32) | 1024 | > 16.0 |" in md and ">= 31.5 GiB = 13.4 resident + 18.1 kept" in md
+    # peak = c + b px^2 through (256, 15.2) and (512, 18.2): b = 3 / 196608, 1024 px -> 15.2 + 15 * 65536 b = 30.2
+    assert "~30.2 GiB estimated" in md
     assert "| export (`zoodip export`) | 11.00 | 19.1 |" in md and "zoodip replica" not in md    # reused: no row
     png = plot_xl.plot(ti, zoodip, tmp_path / "xl.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
