@@ -53,7 +53,10 @@ ZO_METHODS = {
     # int8-compute UNet at the mu its quantization validated (the toy w8-fast manifest's train_defaults.mu);
     # WORK/models/w8-fast is made by `python -m bench.sd.fast_pass toy-model WORK/models`
     "zoodip_fast": ("w8-fast", {"mu": 3e-3}, "zoodip, w8-fast (int8 compute), mu 3e-3"),
-    # the default (fast) schedule on w8-fast at its validated mu, paired with zoodip_jsub_lr5e3 (w8, mu 1e-3)
+    # the default (fast) schedule on w8-fast at its validated mu, paired with zoodip_jsub_lr5e3 (w8, mu 1e-3);
+    # and on w8 at that mu: what the larger mu costs by itself
+    "zoodip_jsub_lr5e3_mu3e3": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
+                                       "lr": 5e-3, "mu": 3e-3}, "zoodip, jacobian subspace, lr 5e-3, mu 3e-3"),
     "zoodip_jsub_lr5e3_fast": ("w8-fast", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
                                            "lr": 5e-3, "mu": 3e-3},
                                "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 3e-3"),
