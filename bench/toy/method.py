@@ -54,7 +54,11 @@ ZO_METHODS = {
     # WORK/models/w8-fast is made by `python -m bench.sd.fast_pass toy-model WORK/models`
     "zoodip_fast": ("w8-fast", {"mu": 3e-3}, "zoodip, w8-fast (int8 compute), mu 3e-3"),
     # the default (fast) schedule on w8-fast at its validated mu, paired with zoodip_jsub_lr5e3 (w8, mu 1e-3);
-    # and on w8 at that mu: what the larger mu costs by itself
+    # at the mu where its gate's correlation is 0.996 rather than 0.96; and on w8 at 3e-3: what the larger mu
+    # costs by itself
+    "zoodip_jsub_lr5e3_fast_mu1e2": ("w8-fast", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
+                                                 "lr": 5e-3, "mu": 1e-2},
+                                     "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 1e-2"),
     "zoodip_jsub_lr5e3_mu3e3": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
                                        "lr": 5e-3, "mu": 3e-3}, "zoodip, jacobian subspace, lr 5e-3, mu 3e-3"),
     "zoodip_jsub_lr5e3_fast": ("w8-fast", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
