@@ -101,6 +101,10 @@ def test_one_concept_smoke(tmp_path, monkeypatch):
     assert again["zoodip"]["curve"] == m["zoodip"]["curve"]
     assert again["zoodip"]["train_seconds"] == m["zoodip"]["train_seconds"]
     assert before <= out.with_name("toy_samples.png").stat().st_mtime
+    # Re-drawing the final token with the model it trained on reproduces its score (scoring is seeded).
+    from bench.toy import rescore
+    rs = rescore.rescore([out], "zoodip", "w8", "backprop_ti")["per_run"][0]
+    assert rs["zoodip@w8"] == rs["zoodip"] == m["zoodip"]["concept_fidelity"]
     # Extending past the budget resumes the checkpoint: the same vector a fresh 12-step run makes.
     from bench.toy import extend as toy_extend
     from zo_runtime.embeds import load_learned_embeds
