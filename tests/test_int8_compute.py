@@ -145,19 +145,20 @@ def test_w8_fast_structure(fast):
 
 
 def test_w8_fast_records_its_training_mu(fast):
-    """Gate 3 runs at every candidate mu with the trainer's perturbations; the first that holds is recorded."""
+    """Gate 3 runs at every candidate mu with the trainer's perturbations; the largest that holds is recorded."""
     m = fast.manifest
     g = m["gates"]
     assert set(g["zo"]) == {f"{mu:g}" for mu in qz.FAST_MUS} and all(z["perturbation"] == "train"
                                                                        for z in g["zo"].values())
     held = sorted(float(mu) for mu, z in g["zo"].items() if z["corr"] >= qz.FAST_ZO_CORR_MIN)
     assert m["zo_validated_mus"] == held
-    first = next((mu for mu in qz.FAST_MUS if mu in held), None)
-    assert m["train_defaults"] == ({} if first is None else {"mu": first})
+    largest = max(held, default=None)
+    assert m["train_defaults"] == ({} if largest is None else {"mu": largest})
     decided = [f for f in g["failed"] if f.startswith("ZO")]      # only the training mu's correlation decides
-    assert len(decided) == (first is None)
-    assert qz.training_mu({f"{mu:g}": {"corr": 0.95 if mu >= 3e-3 else 0.5} for mu in qz.FAST_MUS},
-                          QuantizeConfig(scheme="w8-fast")) == 3e-3
+    assert len(decided) == (largest is None)
+    corr = {f"{mu:g}": {"corr": 0.95 if mu >= 3e-3 else 0.5} for mu in qz.FAST_MUS}
+    assert qz.training_mu(corr, QuantizeConfig(scheme="w8-fast")) == 1e-2
+    assert qz.training_mu({**corr, "0.01": {"corr": 0.5}}, QuantizeConfig(scheme="w8-fast")) == 3e-3
 
 
 def test_w8_records_validated_mus_without_defaults(tiny_exported, photos, tmp_path):  # noqa: F811
@@ -189,9 +190,9 @@ def test_manifest_tells_the_trainer_its_mu(fast, tiny_exported):
     assert schedule.resolve(cfg, m).mu == m["train_defaults"].get("mu", 1e-3)
     assert schedule.mu_warning(ModelDir.open(tiny_exported).manifest, 1e-4) is None          # fp32: never gated
     if m["zo_validated_mus"]:
-        low = min(m["zo_validated_mus"])
-        assert schedule.mu_warning(m, low) is None and schedule.mu_warning(m, 1.0) is None
-        assert f"--set mu={low:g}" in schedule.mu_warning(m, low / 10)
+        bar = m["train_defaults"]["mu"]
+        assert schedule.mu_warning(m, bar) is None and schedule.mu_warning(m, 1.0) is None
+        assert f"--set mu={bar:g}" in schedule.mu_warning(m, bar / 2)
     else:
         assert "--scheme w8" in schedule.mu_warning(m, 1e-3)
 

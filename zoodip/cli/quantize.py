@@ -14,7 +14,7 @@ TARGETS = ("cpu", "qnn", "openvino", "npu-static")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--scheme", type=click.Choice(SCHEMES), default="w8", show_default=True,
               help="w8a8: static INT8 weights+activations; w8: weight-only INT8; w4: 4-bit MatMul weights; fp16; "
-                   "w8-fast: w8 with fused attention and int8 compute, 0.7-0.8x w8's pass time at 0.72x its toy-world "
+                   "w8-fast: w8 with fused attention and int8 compute, 0.7-0.8x w8's pass time at 0.89x its toy-world "
                    "fidelity (docs/fast_pass.md); records the mu training must use.")
 @click.option("--target", type=click.Choice(TARGETS), default="cpu", show_default=True,
               help="cpu: dynamic shapes; qnn: QDQ u16/u8 for Qualcomm NPUs; openvino / npu-static: fixed shapes.")
