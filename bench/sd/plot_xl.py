@@ -125,6 +125,7 @@ def plot(ti: dict, zoodip: list[dict], png: str | Path, machine_gib: float | Non
     machine_gib = machine_gib or ti.get("machine", {}).get("mem_total_gib")
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     tp = ti_points(ti)
+    estimate = {p["px"]: estimated_peak(tp, p["px"]) for p in tp}      # fit once per resolution
     fit = [p for p in tp if p["fits"]]
     ax.plot([p["px"] for p in fit], [p["peak"] for p in fit], "o-", color="#555555", label="PyTorch TI fp32 (measured)")
     # a step that failed to allocate under the limit needs more than the limit, whatever the forward-only count says
@@ -137,7 +138,7 @@ def plot(ti: dict, zoodip: list[dict], png: str | Path, machine_gib: float | Non
             ax.annotate("", xy=(p["px"], p["bound"] * 1.12), xytext=(p["px"], p["bound"]),
                         arrowprops=dict(arrowstyle="->", color="#555555"))
             ax.text(p["px"], p["bound"], f"  > {p['bound']:.1f}", va="center", fontsize=8)
-        est = [(p["px"], estimated_peak(tp, p["px"])) for p in bounds if estimated_peak(tp, p["px"])]
+        est = [(p["px"], estimate[p["px"]]) for p in bounds if estimate[p["px"]]]
         if est:
             ax.plot([x for x, _ in est], [y for _, y in est], "x", color="#555555", ms=7,
                     label="PyTorch TI: estimate (c + b px^2 fit to the measured points)")
@@ -160,7 +161,7 @@ def plot(ti: dict, zoodip: list[dict], png: str | Path, machine_gib: float | Non
     ax.set_xlabel("training resolution (px)")
     ax.set_ylabel("peak RSS (GiB), one process each")
     top = max([machine_gib or 0] + [p["bound"] or 0 for p in tp] + [p["peak"] or 0 for p in tp]
-              + [estimated_peak(tp, p["px"]) or 0 for p in tp]) * 1.2
+              + [e or 0 for e in estimate.values()]) * 1.2
     ax.set_ylim(0, top)
     ax.set_title("SDXL replica: one training step, peak RSS", fontsize=10)
     ax.legend(fontsize=7.5, loc="upper left")

@@ -23,6 +23,9 @@ from .. import common
 from .eval import ToyEvalConfig, ToyEvaluator
 from .shared import TOKEN
 
+# The default (fast) schedule's settings: the refreshed Jacobian top-16 subspace at the paper's lr.
+JSUB = {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125}
+FAST_SCHEDULE = {**JSUB, "lr": 5e-3}
 # zoodip runs: (scheme, the trainer's settings overridden, label); ablations change one thing each.
 ZO_METHODS = {
     "zoodip": ("w8", {}, "zoodip (w8, ZO)"),
@@ -33,19 +36,19 @@ ZO_METHODS = {
     "subspace_uncapped": ("w8", {"subspace_cap": 1.0}, "zoodip, subspace uncapped"),
     # queries equally in the top 16 of J^T J's 128 directions (86-91% of the gradient's energy) + 10% of the
     # rest, J^T J rebuilt at the current v every 125 steps (4 templates x 129 text-encoder passes, no UNet)
-    "zoodip_jsub": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125},
+    "zoodip_jsub": ("w8", JSUB,
                     "zoodip, jacobian top-16 subspace, refreshed"),
     "zoodip_jsub0": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 0},
                      "zoodip, jacobian top-16 subspace at v0"),
     # the candidates for the fast schedule's defaults, at the paper's lr (the benchmark's 2e-2 did not carry
     # over to a held-out world: issue #20)
     "zoodip_lr5e3": ("w8", {"lr": 5e-3}, "zoodip, lr 5e-3"),
-    "zoodip_jsub_lr5e3": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125, "lr": 5e-3},
+    "zoodip_jsub_lr5e3": ("w8", FAST_SCHEDULE,
                           "zoodip, jacobian top-16 subspace, refreshed, lr 5e-3"),
     # the fast schedule trained at 32 px (below 64, the nearest size the toy model's VAE x UNet factor of 32 allows),
     # scored at 64 px: does a 4x cheaper training pass keep the concept? (SD 1.5: 256 px for 512)
-    "zoodip_jsub_lr5e3_r32": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125, "lr": 5e-3,
-                                     "resolution": 32}, "zoodip, jacobian subspace, lr 5e-3, trained at 32 px"),
+    "zoodip_jsub_lr5e3_r32": ("w8", {**FAST_SCHEDULE, "resolution": 32},
+                              "zoodip, jacobian subspace, lr 5e-3, trained at 32 px"),
     "zoodip_q4": ("w8", {"queries": 4, "unet_batch": "batch"}, "zoodip, 4 queries batched"),   # 5 passes, 1 call
     "zoodip_q8": ("w8", {"queries": 8, "unet_batch": "batch"}, "zoodip, 8 queries batched"),   # 9 passes, 1 call
     "zoodip_q1": ("w8", {"queries": 1}, "zoodip, 1 query"),     # 2 passes a step, more data draws per pass
@@ -53,17 +56,13 @@ ZO_METHODS = {
     # int8-compute UNet at the mu its quantization validated (the toy w8-fast manifest's train_defaults.mu);
     # WORK/models/w8-fast is made by `python -m bench.sd.fast_pass toy-model WORK/models`
     "zoodip_fast": ("w8-fast", {"mu": 3e-3}, "zoodip, w8-fast (int8 compute), mu 3e-3"),
-    # the default (fast) schedule on w8-fast at its validated mu, paired with zoodip_jsub_lr5e3 (w8, mu 1e-3);
-    # at the mu where its gate's correlation is 0.996 rather than 0.96; and on w8 at 3e-3: what the larger mu
-    # costs by itself
-    "zoodip_jsub_lr5e3_fast_mu1e2": ("w8-fast", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
-                                                 "lr": 5e-3, "mu": 1e-2},
-                                     "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 1e-2"),
-    "zoodip_jsub_lr5e3_mu3e3": ("w8", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
-                                       "lr": 5e-3, "mu": 3e-3}, "zoodip, jacobian subspace, lr 5e-3, mu 3e-3"),
-    "zoodip_jsub_lr5e3_fast": ("w8-fast", {"directions": "jacobian", "prior_rank": 16, "prior_refresh": 125,
-                                           "lr": 5e-3, "mu": 3e-3},
+    # the default schedule on w8-fast, each paired with zoodip_jsub_lr5e3 (w8, mu 1e-3): at the first mu its gate
+    # passed (3e-3, correlation 0.96), at the largest (1e-2, 0.996); and w8 at 3e-3: what the larger mu costs alone
+    "zoodip_jsub_lr5e3_fast": ("w8-fast", {**FAST_SCHEDULE, "mu": 3e-3},
                                "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 3e-3"),
+    "zoodip_jsub_lr5e3_fast_mu1e2": ("w8-fast", {**FAST_SCHEDULE, "mu": 1e-2},
+                                     "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 1e-2"),
+    "zoodip_jsub_lr5e3_mu3e3": ("w8", {**FAST_SCHEDULE, "mu": 3e-3}, "zoodip, jacobian subspace, lr 5e-3, mu 3e-3"),
     # n queries batched in one call, lr scaled so the drift per pass matches n = 2 at lr 2e-2 (an estimate's
     # signal grows as sqrt(n); ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift the
     # walk's variance per pass is 2 (n + 1) / (3 n) of n = 2's: 0.75 at n = 8, 0.71 at n = 16
