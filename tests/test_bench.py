@@ -196,3 +196,14 @@ def test_sdxl_plot_and_tables_from_results(tmp_path):
     assert "| export (`zoodip export`) | 11.00 | 19.1 |" in md and "zoodip replica" not in md    # reused: no row
     png = plot_xl.plot(ti, zoodip, tmp_path / "xl.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fast_pass_toy_plans_refuse_to_run_without_an_output_file(tmp_path, capsys, monkeypatch):
+    from bench.sd import fast_pass
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        fast_pass.main(["toy-model", str(tmp_path / "models"), "--plan", "resnet=static"])
+    assert exc.value.code == 2
+    assert "--out" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())          # nothing written into the working directory

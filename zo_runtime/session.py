@@ -10,8 +10,8 @@ import onnxruntime as ort
 
 from . import providers as prov
 
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-           "tensor(int32)": np.int32, "tensor(double)": np.float64}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(double)": np.float64}
 # glibc's M_MMAP_THRESHOLD, pinned at its own 128 KiB default (see fix_malloc_mmap_threshold).
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 128 * 1024
@@ -120,7 +120,7 @@ class OnnxModel:
         return self.session.get_providers()[0]
 
     def input_dtype(self, name: str):
-        return _DTYPES[self.inputs[name].type]
+        return ORT_DTYPES[self.inputs[name].type]
 
     def static_shape(self, name: str) -> tuple | None:
         """The declared shape if every dimension is fixed, else None."""

@@ -84,9 +84,9 @@ class GpuPeak:
 
 def typed_feeds(model, resolution: int) -> dict:
     """The trainer's UNet inputs (bench.sd.fast_pass.unet_feeds) cast to the dtypes the graph declares (fp16)."""
-    from zo_runtime.session import _DTYPES
+    from zo_runtime.session import ORT_DTYPES
     from .fast_pass import unet_feeds
-    return {k: v.astype(_DTYPES[model.inputs[k].type]) for k, v in unet_feeds(model, resolution).items()}
+    return {k: v.astype(ORT_DTYPES[model.inputs[k].type]) for k, v in unet_feeds(model, resolution).items()}
 
 
 def time_cuda_pass(folder: str, resolution: int, repeats: int, provider: str = "cuda") -> dict:

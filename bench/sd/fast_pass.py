@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     tm = sub.add_parser("toy-model")
     tm.add_argument("models", type=Path)
     tm.add_argument("--plan", action="append", default=[], help="extra int8 plans to gate (MODELS/v-<i>), not build w8-fast")
-    tm.add_argument("--out", type=Path, help="--plan: JSON file of the gates")
+    tm.add_argument("--out", type=Path, help="--plan: JSON file of the gates (required with --plan)")
     il = sub.add_parser("interleave")
     il.add_argument("models", nargs="+")
     il.add_argument("--rounds", type=int, default=5)
@@ -358,10 +358,12 @@ def main(argv: list[str] | None = None) -> None:
         for k, v in res["models"].items():
             print(f"{k}: {v['unet_pass_s']['median']} s, x{v['ratio_to_reference']['median']} of {res['reference']}")
     elif a.cmd == "toy-model" and a.plan:
+        if a.out is None:
+            p.error("toy-model --plan needs --out FILE.json: where to write the gates")
         res = toy_plans(a.models, a.plan)
         res.update(machine=common.machine_facts(),
                    command="python -m bench.sd.fast_pass " + " ".join(sys.argv[1:] if argv is None else argv))
-        common.write_json(a.out or Path("toy_plans.json"), res)
+        common.write_json(a.out, res)
     elif a.cmd == "toy-model":
         print(f"wrote {toy_model(a.models)}")
     elif a.cmd == "report":
