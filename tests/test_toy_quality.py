@@ -70,6 +70,21 @@ def test_pool_ratio_interval_and_passes(tmp_path):
     assert (tmp_path / "pooled_curve.png").stat().st_size > 1000
 
 
+def test_pool_reports_prompt_fidelity_paired_with_ti():
+    """The token must not swallow the prompt: prompt fidelity's mean and its paired difference to TI's."""
+    from bench.toy import pool as toy_pool
+
+    def res(seed, prompts):           # (TI's, zoodip's) prompt fidelity per concept; concept fidelity 0.5 each
+        row = lambda p: {"curve": [{"forward_passes": 10, "concept_fidelity": 0.5}],
+                         "final": {"concept_fidelity": 0.5, "prompt_fidelity": p}}
+        return {"config": {"seed": seed, "steps": 10}, "concepts": [{"concept": ["c", str(i), "p"]} for i in range(2)],
+                "per_concept": [{"backprop_ti": row(t), "zoodip": row(z)} for t, z in prompts]}
+
+    z = toy_pool.pool([res(1, [(1.0, 0.75), (0.5, 0.25)])])["methods"]["zoodip"]
+    assert z["prompt_fidelity"] == 0.5 and z["prompt_minus_ti"] == -0.25 and z["prompt_minus_ti_ci95"] == [-0.25, -0.25]
+    assert "| 0.500 (-0.250, -0.250 to -0.250) |" in toy_pool.table(toy_pool.pool([res(1, [(1.0, 0.75), (0.5, 0.25)])]))
+
+
 @pytest.mark.slow
 def test_one_concept_smoke(tmp_path, monkeypatch):
     out = tmp_path / "toy.json"

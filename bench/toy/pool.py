@@ -33,6 +33,7 @@ def units(results: list[dict]) -> list[dict]:
         for spec, row in zip(res["concepts"], res["per_concept"]):
             out.append({"draw": res["config"]["seed"], "concept": " ".join(spec["concept"]),
                         **{m: r["final"]["concept_fidelity"] for m, r in row.items()},
+                        "prompt": {m: r["final"]["prompt_fidelity"] for m, r in row.items() if "prompt_fidelity" in r["final"]},
                         "curves": {m: [[p["forward_passes"], p["concept_fidelity"]] for p in r["curve"]]
                                    for m, r in row.items()}})
     return out
@@ -56,6 +57,28 @@ def ratio_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[fl
     return float(ours.mean() / ref.mean()), float(lo), float(hi)
 
 
+def diff_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """(mean(ours - ref), 2.5%, 97.5%) with paired bootstrap resampling of the units."""
+    d = ours - ref
+    boot = d[np.random.default_rng(seed).integers(0, len(d), (RESAMPLES, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def prompt_summary(rows: list[dict], method: str, reference: str) -> dict:
+    """Prompt fidelity (the token must not swallow the prompt): the mean, and the paired difference to the
+    reference's on the same units with its 95% interval."""
+    mine = [r["prompt"][method] for r in rows if method in r.get("prompt", {})]
+    if not mine:
+        return {}
+    out = {"prompt_fidelity": round(float(np.mean(mine)), 4)}
+    both = [r for r in rows if method in r.get("prompt", {}) and reference in r.get("prompt", {})]
+    if both and method != reference:
+        d, lo, hi = diff_interval(*(np.array([r["prompt"][k] for r in both]) for k in (method, reference)))
+        out.update(prompt_minus_ti=round(d, 4), prompt_minus_ti_ci95=[round(lo, 4), round(hi, 4)])
+    return out
+
+
 def pool(results: list[dict], reference: str = REFERENCE) -> dict:
     """Per method: units, pooled mean, and (when the reference ran on the same units) ratio and interval.
 
@@ -73,6 +96,7 @@ def pool(results: list[dict], reference: str = REFERENCE) -> dict:
             s.update(paired_units=len(both), reference_fidelity=round(float(ref.mean()), 4),
                      ratio_to_ti=round(ratio, 3), ratio_ci95=[round(lo, 3), round(hi, 3)],
                      wins=int(np.sum(ours > ref)), ties=int(np.sum(ours == ref)), losses=int(np.sum(ours < ref)))
+        s.update(prompt_summary(rows, m, reference))
         s["curve"] = pooled_curve(rows, m)
         out[m] = s
     for m, s in out.items():            # passes to 90% of TI's final on the same runs, on the pooled curve
@@ -91,16 +115,28 @@ def table(pooled: dict) -> str:
     lines = [f"Pooled over draws {pooled['draws']} ({len(pooled['units'])} concept runs), {steps}; "
              f"ratio = mean fidelity / {ref}'s on the same runs, 95% paired bootstrap interval.", "",
              "| method | runs | concept fidelity | TI on the same runs | ratio to TI | 95% interval "
-             "| wins / ties / losses | passes to 90% of TI |", "|---|---|---|---|---|---|---|---|"]
+             "| wins / ties / losses | passes to 90% of TI | prompt fidelity (minus TI's, 95% interval) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, s in pooled["methods"].items():
         if "ratio_to_ti" in s:
             lo, hi = s["ratio_ci95"]
             lines.append(f"| {label(m)} | {s['paired_units']} | {s['concept_fidelity']:.3f} | "
                          f"{s['reference_fidelity']:.3f} | {s['ratio_to_ti']:.2f} | {lo:.2f}-{hi:.2f} | "
-                         f"{s['wins']} / {s['ties']} / {s['losses']} | {s.get('passes_to_90pct_ti') or '-'} |")
+                         f"{s['wins']} / {s['ties']} / {s['losses']} | {s.get('passes_to_90pct_ti') or '-'} | "
+                         f"{_prompt_cell(s)} |")
         else:
-            lines.append(f"| {label(m)} | {s['units']} | {s['concept_fidelity']:.3f} | - | - | - | - | - |")
+            lines.append(f"| {label(m)} | {s['units']} | {s['concept_fidelity']:.3f} | - | - | - | - | - | "
+                         f"{_prompt_cell(s)} |")
     return "\n".join(lines) + "\n"
+
+
+def _prompt_cell(s: dict) -> str:
+    if "prompt_fidelity" not in s:
+        return "-"
+    if "prompt_minus_ti" not in s:
+        return f"{s['prompt_fidelity']:.3f}"
+    lo, hi = s["prompt_minus_ti_ci95"]
+    return f"{s['prompt_fidelity']:.3f} ({s['prompt_minus_ti']:+.3f}, {lo:+.3f} to {hi:+.3f})"
 
 
 def curve_figure(pooled: dict, path: Path, methods: tuple[str, ...] | None = None) -> Path | None:
