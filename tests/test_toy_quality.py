@@ -58,6 +58,8 @@ def test_pool_ratio_interval_and_passes(tmp_path):
     z = half["methods"]["zoodip"]
     assert z["paired_units"] == 3 and z["ratio_to_ti"] == 0.5 and z["ratio_ci95"] == [0.5, 0.5]
     assert z["losses"] == 3 and z["passes_to_90pct_ti"] is None      # 0.9 * 0.6 never reached
+    assert z["ratio_curve"] == [[10, 0.25, 0.25, 0.25], [20, 0.5, 0.5, 0.5]]   # half the passes: half the fidelity
+    assert "| 0.25 (0.25-0.25) at 10 |" in toy_pool.table(half)
     mixed = toy_pool.pool([res(1, [(0.4, 0.6), (0.8, 0.7)]), res(2, [(0.2, 0.1), (0.6, 0.9)])])["methods"]["zoodip"]
     assert mixed["ratio_to_ti"] == 1.15 and mixed["wins"] == 2
     lo, hi = mixed["ratio_ci95"]

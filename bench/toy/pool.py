@@ -57,6 +57,17 @@ def ratio_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[fl
     return float(ours.mean() / ref.mean()), float(lo), float(hi)
 
 
+def ratio_curve(both: list[dict], method: str, reference: str) -> list[list[float]] | None:
+    """[[passes, ratio, 2.5%, 97.5%]]: the method's fidelity at each of its eval points over the reference's final
+    one, paired on the same units (the moonshot: TI's level at half the passes); None when eval points differ."""
+    curves = [r["curves"][method] for r in both]
+    if any([p for p, _ in c] != [p for p, _ in curves[0]] for c in curves):
+        return None
+    ref = np.array([r[reference] for r in both])
+    return [[p, *(round(x, 3) for x in ratio_interval(np.array([c[i][1] for c in curves]), ref))]
+            for i, (p, _) in enumerate(curves[0])]
+
+
 def diff_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """(mean(ours - ref), 2.5%, 97.5%) with paired bootstrap resampling of the units."""
     d = ours - ref
@@ -96,6 +107,8 @@ def pool(results: list[dict], reference: str = REFERENCE) -> dict:
             s.update(paired_units=len(both), reference_fidelity=round(float(ref.mean()), 4),
                      ratio_to_ti=round(ratio, 3), ratio_ci95=[round(lo, 3), round(hi, 3)],
                      wins=int(np.sum(ours > ref)), ties=int(np.sum(ours == ref)), losses=int(np.sum(ours < ref)))
+        if both and m != reference and is_zo(m):
+            s["ratio_curve"] = ratio_curve(both, m, reference)
         s.update(prompt_summary(rows, m, reference))
         s["curve"] = pooled_curve(rows, m)
         out[m] = s
@@ -115,19 +128,26 @@ def table(pooled: dict) -> str:
     lines = [f"Pooled over draws {pooled['draws']} ({len(pooled['units'])} concept runs), {steps}; "
              f"ratio = mean fidelity / {ref}'s on the same runs, 95% paired bootstrap interval.", "",
              "| method | runs | concept fidelity | TI on the same runs | ratio to TI | 95% interval "
-             "| wins / ties / losses | passes to 90% of TI | prompt fidelity (minus TI's, 95% interval) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| wins / ties / losses | passes to 90% of TI | ratio at half the passes | "
+             "prompt fidelity (minus TI's, 95% interval) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in pooled["methods"].items():
         if "ratio_to_ti" in s:
             lo, hi = s["ratio_ci95"]
             lines.append(f"| {label(m)} | {s['paired_units']} | {s['concept_fidelity']:.3f} | "
                          f"{s['reference_fidelity']:.3f} | {s['ratio_to_ti']:.2f} | {lo:.2f}-{hi:.2f} | "
                          f"{s['wins']} / {s['ties']} / {s['losses']} | {s.get('passes_to_90pct_ti') or '-'} | "
-                         f"{_prompt_cell(s)} |")
+                         f"{_half_cell(s)} | {_prompt_cell(s)} |")
         else:
-            lines.append(f"| {label(m)} | {s['units']} | {s['concept_fidelity']:.3f} | - | - | - | - | - | "
+            lines.append(f"| {label(m)} | {s['units']} | {s['concept_fidelity']:.3f} | - | - | - | - | - | - | "
                          f"{_prompt_cell(s)} |")
     return "\n".join(lines) + "\n"
+
+
+def _half_cell(s: dict) -> str:
+    """The ratio (and interval) at the eval point with half the final passes, if there is one."""
+    pts = s.get("ratio_curve") or []
+    half = [r for r in pts if pts and r[0] * 2 == pts[-1][0]]
+    return f"{half[0][1]:.2f} ({half[0][2]:.2f}-{half[0][3]:.2f}) at {half[0][0]}" if half else "-"
 
 
 def _prompt_cell(s: dict) -> str:
