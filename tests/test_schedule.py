@@ -140,3 +140,12 @@ def test_a_time_budget_picks_the_steps_and_records_the_plan(tiny_exported, image
     assert "plan: " in capsys.readouterr().out
     T.train(tiny_exported, images, tmp_path / "given", _quick(early_stop=False, time_budget="1h", steps=5))
     assert json.loads((tmp_path / "given" / "config.json").read_text())["plan"]["steps"] == 5    # --steps wins
+
+
+def test_a_budget_that_ends_inside_warm_up_still_records_the_plan(tiny_exported, images, tmp_path):
+    # 1 ms: the first step outlasts it; the run stops there and config.json holds the plan from that step
+    T.train(tiny_exported, images, tmp_path, replace(_quick(early_stop=False, time_budget="0.001s"), steps=None))
+    plan = json.loads((tmp_path / "config.json").read_text())["plan"]
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert plan is not None and plan["budget_seconds"] == 0.001 and plan["seconds_per_step"] > 0
+    assert timing["stopped"] == "time budget reached" and timing["last_step"] == 1 == plan["steps"]

@@ -178,7 +178,8 @@ def _plan(run: obj.Objective, timing: list, steps: int, done: int, budget: float
         + (cfg.val_draws * step_s / cfg.zo.passes / cfg.val_every if cfg.early_stop else 0.0)
     plan = pl.Plan(cfg.zo.passes, step_s, overhead, steps, done, budget, run.resolution, pl.peak_rss_gb())
     if budget is not None and fit_budget:
-        fit = done + pl.steps_within(budget - elapsed, plan.seconds_per_step, steps - done)
+        left = budget - elapsed            # <= 0: the budget ended inside warm-up, no step more
+        fit = done + (pl.steps_within(left, plan.seconds_per_step, steps - done) if left > 0 else 0)
         plan = pl.Plan(cfg.zo.passes, step_s, overhead, fit, done, budget, run.resolution, plan.peak_rss_gb)
     return plan
 
@@ -215,12 +216,14 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
                 _save(out, run, state, tracker)
             if sample:
                 _sample(out, run, state.step)
-            if cfg.warmup_steps and len(timing) == cfg.warmup_steps:
+            over = budget is not None and time.perf_counter() - started > budget
+            # the plan after warm-up, or from the steps timed so far when a budget ends the run inside it
+            if cfg.warmup_steps and (len(timing) == cfg.warmup_steps or over and len(timing) < cfg.warmup_steps):
                 plan = _plan(run, timing, steps, state.step, budget, time.perf_counter() - started, fit_budget)
                 steps, bar.total = plan.steps, plan.steps
                 _write_config(out, run, images_dir, plan)      # before the line: whoever reads it finds the plan
                 tqdm.write(plan.line())
-            if stop is None and budget is not None and time.perf_counter() - started > budget:
+            if stop is None and over:
                 stop = "time budget reached"
             bar.set_postfix_str(f"loss {row['loss']:.4f} t {row['t']}", refresh=False)
             bar.update(1)

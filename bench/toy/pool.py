@@ -33,7 +33,8 @@ def units(results: list[dict]) -> list[dict]:
         for spec, row in zip(res["concepts"], res["per_concept"]):
             out.append({"draw": res["config"]["seed"], "concept": " ".join(spec["concept"]),
                         **{m: r["final"]["concept_fidelity"] for m, r in row.items()},
-                        "prompt": {m: r["final"]["prompt_fidelity"] for m, r in row.items() if "prompt_fidelity" in r["final"]},
+                        "prompt": {m: r["final"]["prompt_fidelity"] for m, r in row.items()
+                                   if "prompt_fidelity" in r["final"]},
                         "curves": {m: [[p["forward_passes"], p["concept_fidelity"]] for p in r["curve"]]
                                    for m, r in row.items()}})
     return out
