@@ -62,6 +62,10 @@ ZO_METHODS = {
                                "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 3e-3"),
     "zoodip_jsub_lr5e3_fast_mu1e2": ("w8-fast", {**FAST_SCHEDULE, "mu": 1e-2},
                                      "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 1e-2"),
+    # issue #20's candidate: half the subspace rank (the exact gradient's 90% lies in 3-6 directions,
+    # docs/research.md), so each query covers half the span at the same passes
+    "zoodip_jsub8_lr5e3": ("w8", {**FAST_SCHEDULE, "prior_rank": 8},
+                           "zoodip, jacobian top-8 subspace, refreshed, lr 5e-3"),
     "zoodip_jsub_lr5e3_mu3e3": ("w8", {**FAST_SCHEDULE, "mu": 3e-3}, "zoodip, jacobian subspace, lr 5e-3, mu 3e-3"),
     # n queries batched in one call, lr scaled so the drift per pass matches n = 2 at lr 2e-2 (an estimate's
     # signal grows as sqrt(n); ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift the
