@@ -63,7 +63,7 @@ ZO_METHODS = {
     "zoodip_jsub_lr5e3_fast_mu1e2": ("w8-fast", {**FAST_SCHEDULE, "mu": 1e-2},
                                      "zoodip, jacobian subspace, lr 5e-3, w8-fast (int8 compute), mu 1e-2"),
     # issue #20's candidate: half the subspace rank (the exact gradient's 90% lies in 3-6 directions,
-    # docs/research.md), so each query covers half the span at the same passes
+    # docs/research.md), so each query covers half the span at the same passes; lost its screen (0.83x rank 16)
     "zoodip_jsub8_lr5e3": ("w8", {**FAST_SCHEDULE, "prior_rank": 8},
                            "zoodip, jacobian top-8 subspace, refreshed, lr 5e-3"),
     "zoodip_jsub_lr5e3_mu3e3": ("w8", {**FAST_SCHEDULE, "mu": 3e-3}, "zoodip, jacobian subspace, lr 5e-3, mu 3e-3"),

@@ -40,41 +40,50 @@ def units(results: list[dict]) -> list[dict]:
     return out
 
 
+def curve_matrix(curves: list[list]) -> tuple[list, np.ndarray] | None:
+    """(eval passes, (units, points) fidelities) of [[passes, fidelity], ...] curves, or None when the units'
+    eval points differ."""
+    passes = [p for p, _ in curves[0]]
+    if any([p for p, _ in c] != passes for c in curves):
+        return None
+    return passes, np.array([[f for _, f in c] for c in curves])
+
+
 def pooled_curve(rows: list[dict], method: str) -> list[list[float]] | None:
     """[[passes, mean fidelity]] over the units, or None when their eval points differ."""
-    curves = [r["curves"][method] for r in rows if method in r]
-    if any([p for p, _ in c] != [p for p, _ in curves[0]] for c in curves):
-        return None
-    return [[p, round(float(np.mean([c[i][1] for c in curves])), 4)] for i, (p, _) in enumerate(curves[0])]
+    m = curve_matrix([r["curves"][method] for r in rows if method in r])
+    return m and [[p, round(float(f), 4)] for p, f in zip(m[0], m[1].mean(axis=0))]
+
+
+def resample(n: int, seed: int = 0) -> np.ndarray:
+    """(RESAMPLES, n) unit indices of a paired bootstrap: both methods of a unit are drawn together."""
+    return np.random.default_rng(seed).integers(0, n, (RESAMPLES, n))
 
 
 def ratio_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """(mean(ours) / mean(ref), 2.5%, 97.5%) with paired bootstrap resampling of the units."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ours), (RESAMPLES, len(ours)))
+    idx = resample(len(ours), seed)
     num, den = ours[idx].mean(axis=1), ref[idx].mean(axis=1)
     boot = num[den > 0] / den[den > 0]
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return float(ours.mean() / ref.mean()), float(lo), float(hi)
 
 
-def ratio_curve(both: list[dict], method: str, reference: str) -> list[list[float]] | None:
-    """[[passes, ratio, 2.5%, 97.5%]]: the method's fidelity at each of its eval points over the reference's final
-    one, paired on the same units (the moonshot: TI's level at half the passes); None when eval points differ."""
-    curves = [r["curves"][method] for r in both]
-    if any([p for p, _ in c] != [p for p, _ in curves[0]] for c in curves):
-        return None
-    ref = np.array([r[reference] for r in both])
-    return [[p, *(round(x, 3) for x in ratio_interval(np.array([c[i][1] for c in curves]), ref))]
-            for i, (p, _) in enumerate(curves[0])]
-
-
 def diff_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """(mean(ours - ref), 2.5%, 97.5%) with paired bootstrap resampling of the units."""
     d = ours - ref
-    boot = d[np.random.default_rng(seed).integers(0, len(d), (RESAMPLES, len(d)))].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
+    lo, hi = np.percentile(d[resample(len(d), seed)].mean(axis=1), [2.5, 97.5])
     return float(d.mean()), float(lo), float(hi)
+
+
+def ratio_curve(both: list[dict], method: str, reference: str) -> list[list[float]] | None:
+    """[[passes, ratio, 2.5%, 97.5%]]: the method's fidelity at each of its eval points over the reference's final
+    one, paired on the same units (the moonshot: TI's level at half the passes); None when eval points differ."""
+    m = curve_matrix([r["curves"][method] for r in both])
+    if m is None:
+        return None
+    ref = np.array([r[reference] for r in both])
+    return [[p, *(round(x, 3) for x in ratio_interval(m[1][:, i], ref))] for i, p in enumerate(m[0])]
 
 
 def prompt_summary(rows: list[dict], method: str, reference: str) -> dict:
@@ -147,7 +156,7 @@ def table(pooled: dict) -> str:
 def _half_cell(s: dict) -> str:
     """The ratio (and interval) at the eval point with half the final passes, if there is one."""
     pts = s.get("ratio_curve") or []
-    half = [r for r in pts if pts and r[0] * 2 == pts[-1][0]]
+    half = [r for r in pts if r[0] * 2 == pts[-1][0]]
     return f"{half[0][1]:.2f} ({half[0][2]:.2f}-{half[0][3]:.2f}) at {half[0][0]}" if half else "-"
 
 
