@@ -87,6 +87,24 @@ def test_pool_reports_prompt_fidelity_paired_with_ti():
     assert "| 0.500 (-0.250, -0.250 to -0.250) |" in toy_pool.table(toy_pool.pool([res(1, [(1.0, 0.75), (0.5, 0.25)])]))
 
 
+def test_pool_pairs_a_later_file_with_the_runs_of_the_same_draw():
+    """A candidate screened later (its own file) pairs with the reference and TI run earlier on the same draw."""
+    from bench.toy import pool as toy_pool
+
+    def res(seed, methods):           # methods: {name: [fidelity per concept]}
+        row = lambda f: {"curve": [{"forward_passes": 10, "concept_fidelity": f}], "final": {"concept_fidelity": f}}
+        return {"config": {"seed": seed, "steps": 10}, "concepts": [{"concept": ["c", str(i), "p"]} for i in range(2)],
+                "per_concept": [{m: row(f[i]) for m, f in methods.items()} for i in range(2)]}
+
+    earlier = res(21, {"backprop_ti": [0.4, 0.8], "zoodip": [0.2, 0.4]})
+    later = res(21, {"zoodip_lr5e3": [0.6, 1.2]})
+    pooled = toy_pool.pool([earlier, later])
+    assert pooled["draws"] == [21] and len(pooled["units"]) == 2
+    late = pooled["methods"]["zoodip_lr5e3"]
+    assert late["paired_units"] == 2 and late["ratio_to_ti"] == 1.5
+    assert pooled["methods"]["zoodip"]["ratio_to_ti"] == 0.5
+
+
 @pytest.mark.slow
 def test_one_concept_smoke(tmp_path, monkeypatch):
     out = tmp_path / "toy.json"

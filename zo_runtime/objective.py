@@ -35,15 +35,21 @@ VALIDATION_STREAM = 3     # zo.step_rng's data and direction streams are 0 and 1
 ROLES = ("all", "driver", "worker")
 
 
+def word_rows(text: TextEncoder, word: str, what: str = "--init") -> np.ndarray:
+    """(d,) float32 row of one word: its token's row, or the sum of its BPE pieces' rows (e.g. cy + an)."""
+    pieces = text.tokenizer.tokenize(word)
+    if not pieces or len(word.split()) != 1:
+        raise ValueError(f"{what}: {word!r} is not one word; each must be a single token: pick one word such as "
+                         "'dog', 'toy' or 'cat' (an --init may join such words by +, e.g. dog+brown)")
+    return np.sum([text.table[text.tokenizer.token_id(p)] for p in pieces], axis=0, dtype=np.float32)
+
+
 def place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
-    """Add sks, sks_1, ... to the tokenizer; v0 = the init token's row, (k, d) float32."""
-    pieces = text.tokenizer.tokenize(cfg.init)
-    if len(pieces) != 1:
-        raise ValueError(f"--init {cfg.init!r} is {len(pieces)} tokens {pieces}; the initializer must be a single "
-                         "token: pick one word such as 'dog', 'toy' or 'cat'")
-    init_id = text.tokenizer.token_id(pieces[0])
+    """Add sks, sks_1, ... to the tokenizer; v0 = the init word's row, (k, d) float32 (an init "a+b": the
+    sum of the rows of a and b, e.g. what init_search found)."""
+    v = np.sum([word_rows(text, w) for w in cfg.init.split("+")], axis=0, dtype=np.float32)
     tokens = vector_names(cfg.token, cfg.num_vectors)
-    v0 = np.repeat(np.asarray(text.table[init_id], np.float32)[None], cfg.num_vectors, axis=0)
+    v0 = np.repeat(v[None], cfg.num_vectors, axis=0)
     text.add_tokens(tokens, v0)    # ValueError if the placeholder already exists
     return tokens, v0
 

@@ -23,7 +23,8 @@ class TrainConfig:
     """One training run; defaults are the reference's (SD 1.5, method.md)."""
 
     token: str = setting(help="New placeholder token, e.g. sks (must not be in the vocabulary).", cli=True)
-    init: str = setting(help="One existing token to start from, e.g. dog.", cli=True)
+    init: str = setting(help="One existing token to start from, e.g. dog; words joined by + start from the "
+                        "sum of their rows, e.g. dog+brown.", cli=True)
     schedule: str = setting("fast", "Defaults for the settings left unset: fast, what the toy-world evidence "
                             "supports (docs/research.md); paper, the reference's (30,000 steps, lr 5e-3, "
                             "gaussian directions, no early stop).", cli=True, choices=tuple(SCHEDULES))

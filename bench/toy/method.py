@@ -66,6 +66,14 @@ ZO_METHODS = {
     # docs/research.md), so each query covers half the span at the same passes; lost its screen (0.83x rank 16)
     "zoodip_jsub8_lr5e3": ("w8", {**FAST_SCHEDULE, "prior_rank": 8},
                            "zoodip, jacobian top-8 subspace, refreshed, lr 5e-3"),
+    # issue #20's candidate: the default schedule from a searched start (zo_runtime.init_search: the shape word
+    # plus up to 2 of the world's words, kept by a fixed 16-draw loss), its passes taken from the same budget
+    "zoodip_jsub_lr5e3_init": ("w8", FAST_SCHEDULE, "zoodip, jacobian subspace, lr 5e-3, searched init"),
+    # ... and two variants of it: half the lr (a searched start is nearer, the walk's noise then costs more) and
+    # one round (a second word was wrong on 1 of 8 screening runs)
+    "zoodip_jsub_lr25e4_init": ("w8", {**FAST_SCHEDULE, "lr": 2.5e-3},
+                                "zoodip, jacobian subspace, lr 2.5e-3, searched init"),
+    "zoodip_jsub_lr5e3_init1": ("w8", FAST_SCHEDULE, "zoodip, jacobian subspace, lr 5e-3, searched init, 1 word"),
     "zoodip_jsub_lr5e3_mu3e3": ("w8", {**FAST_SCHEDULE, "mu": 3e-3}, "zoodip, jacobian subspace, lr 5e-3, mu 3e-3"),
     # n queries batched in one call, lr scaled so the drift per pass matches n = 2 at lr 2e-2 (an estimate's
     # signal grows as sqrt(n); ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift the
@@ -75,6 +83,11 @@ ZO_METHODS = {
     "zoodip_q16_eq": ("w8", {"queries": 16, "unet_batch": "batch", "lr": 0.04},
                       "zoodip, 16 queries batched, lr 4e-2, same passes"),
 }
+# Methods that first search their init (INIT_SEARCH's words: every word of the toy world but the init); its
+# worst-case passes come off the training steps, so every eval point is at the same forward passes as zoodip's.
+INIT_SEARCH = {"zoodip_jsub_lr5e3_init": {"rounds": 2, "draws": 16},
+               "zoodip_jsub_lr25e4_init": {"rounds": 2, "draws": 16},
+               "zoodip_jsub_lr5e3_init1": {"rounds": 1, "draws": 16}}
 # Scored at the same forward passes as zoodip (3 a step) rather than the same steps: eval_at * 3 / passes.
 PASS_BUDGET = {"zoodip_q8_eq", "zoodip_q16_eq"}
 # Backprop TI settings (ToyTIConfig overrides, label): the reference and the variants that make it stronger.
@@ -137,6 +150,21 @@ def eval_steps(spec: dict, method: str) -> list[int]:
     return [max(1, round(s * 3 / zo_config(spec, method).passes)) for s in spec["eval_at"]]
 
 
+def searched_init(spec: dict, method: str, folder: Path) -> tuple[dict, dict]:
+    """(spec with the searched init, {init, scores, passes, budget}) for an INIT_SEARCH method."""
+    from models.toyworld import world
+    from zo_runtime import objective as obj
+    from .init_search import InitSearchConfig, search_init
+
+    words = (*world.SHAPES, *world.COLOR_NAMES, *world.PATTERNS, *world.BACKGROUND_NAMES)
+    cfg = InitSearchConfig(candidates=tuple(w for w in dict.fromkeys(words) if w != spec["init"]),
+                           **INIT_SEARCH[method])
+    run = obj.open_objective(model_folder(spec, ZO_METHODS[method][0]), spec["images"], folder / "search",
+                             zo_config(spec, method))
+    init, scores, passes = search_init(run, cfg)
+    return {**spec, "init": init}, {"init": init, "scores": scores, "passes": passes, "budget": cfg.max_passes()}
+
+
 def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, steps: list[int],
                     resume: bool) -> tuple[list, float, np.ndarray]:
     """Train `method` in `folder` up to each of `steps` (resume is exact), scoring after each stage.
@@ -162,10 +190,18 @@ def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, ste
 
 def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
     """Train in stages up to each eval step and score after each stage."""
-    curve, train_s, images = train_and_score(spec, method, ev, work / method, eval_steps(spec, method),
-                                             resume=False)
-    return curve, {"train_seconds": round(train_s, 2), "passes_per_step": zo_config(spec, method).passes,
-                   "images": images, "config": {**spec["zo"], **ZO_METHODS[method][1]}}
+    steps, search, t0 = eval_steps(spec, method), None, time.perf_counter()
+    if method in INIT_SEARCH:
+        spec, search = searched_init(spec, method, work / method)
+        spent = -(-search["budget"] // zo_config(spec, method).passes)   # whole steps the worst case costs
+        steps = [s - spent for s in steps]
+    search_s = time.perf_counter() - t0
+    curve, train_s, images = train_and_score(spec, method, ev, work / method, steps, resume=False)
+    if search:                                   # charged as the whole steps its worst case takes
+        for row in curve:
+            row["forward_passes"] += spent * zo_config(spec, method).passes
+    return curve, {"train_seconds": round(train_s + search_s, 2), "passes_per_step": zo_config(spec, method).passes,
+                   "images": images, "config": {**spec["zo"], **ZO_METHODS[method][1]}, "init_search": search}
 
 
 def model_folder(spec: dict, scheme: str) -> str:

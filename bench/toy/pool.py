@@ -27,17 +27,19 @@ RESAMPLES = 10_000     # bootstrap draws: the interval's ends move by < 0.01 bet
 
 
 def units(results: list[dict]) -> list[dict]:
-    """[{'draw': seed, 'concept': name, method: final concept fidelity, ...}] over every file's concepts."""
-    out = []
+    """[{'draw': seed, 'concept': name, method: final concept fidelity, ...}] over every file's concepts; files
+    on the same draw add their methods to its units (a candidate screened later pairs with earlier runs)."""
+    out: dict[tuple, dict] = {}
     for res in results:
         for spec, row in zip(res["concepts"], res["per_concept"]):
-            out.append({"draw": res["config"]["seed"], "concept": " ".join(spec["concept"]),
-                        **{m: r["final"]["concept_fidelity"] for m, r in row.items()},
-                        "prompt": {m: r["final"]["prompt_fidelity"] for m, r in row.items()
-                                   if "prompt_fidelity" in r["final"]},
-                        "curves": {m: [[p["forward_passes"], p["concept_fidelity"]] for p in r["curve"]]
-                                   for m, r in row.items()}})
-    return out
+            key = (res["config"]["seed"], " ".join(spec["concept"]))
+            unit = out.setdefault(key, {"draw": key[0], "concept": key[1], "prompt": {}, "curves": {}})
+            unit.update({m: r["final"]["concept_fidelity"] for m, r in row.items()})
+            unit["prompt"].update({m: r["final"]["prompt_fidelity"] for m, r in row.items()
+                                   if "prompt_fidelity" in r["final"]})
+            unit["curves"].update({m: [[p["forward_passes"], p["concept_fidelity"]] for p in r["curve"]]
+                                   for m, r in row.items()})
+    return list(out.values())
 
 
 def curve_matrix(curves: list[list]) -> tuple[list, np.ndarray] | None:
@@ -126,7 +128,8 @@ def pool(results: list[dict], reference: str = REFERENCE) -> dict:
         if "reference_fidelity" in s and is_zo(m):
             target = 0.9 * s["reference_fidelity"]
             s["passes_to_90pct_ti"] = next((p for p, f in s["curve"] or [] if f >= target), None)
-    return {"draws": [r["config"]["seed"] for r in results], "steps": sorted({r["config"]["steps"] for r in results}),
+    return {"draws": sorted({r["config"]["seed"] for r in results}),
+            "steps": sorted({r["config"]["steps"] for r in results}),
             "reference": reference, "units": rows, "methods": out}
 
 
