@@ -44,21 +44,23 @@ def search_rng(seed: int, i: int) -> np.random.Generator:
     return np.random.default_rng([seed, i, SEARCH_STREAM])
 
 
+def search_loss(run: obj.Objective, v: np.ndarray, draws: int) -> float:
+    """Mean base loss of the (k, d) vectors v on the search's fixed draws 0 .. draws-1."""
+    return float(np.mean(obj.eval_losses(run, v, (search_rng(run.cfg.seed, i) for i in range(draws)))))
+
+
 def search_init(run: obj.Objective, cfg: InitSearchConfig) -> tuple[str, list[dict], int]:
     """(init string, [{round, word, loss}] scores, UNet passes spent) from run.cfg.init and cfg.candidates.
 
     run: an opened Objective (its v0 is the start: (k, d), every vector gets the same added rows)."""
     used = run.cfg.init.split("+")
     words = [w for w in dict.fromkeys(cfg.candidates) if w not in used]
-    rows = {w: obj.word_rows(run.text, w, 'candidate') for w in words}     # every word checked before a pass
-
-    def loss(v: np.ndarray) -> float:
-        return float(np.mean(obj.eval_losses(run, v, (search_rng(run.cfg.seed, i) for i in range(cfg.draws)))))
+    rows = {w: obj.word_rows(run.text, w, "candidate") for w in words}     # every word checked before a pass
 
     v, passes = run.v0.copy(), cfg.draws
-    best, scores = loss(v), []
+    best, scores = search_loss(run, v, cfg.draws), []
     for r in range(1, cfg.rounds + 1):
-        tried = {w: loss(v + rows[w]) for w in words}
+        tried = {w: search_loss(run, v + rows[w], cfg.draws) for w in words}
         passes += cfg.draws * len(tried)
         scores += [{"round": r, "word": w, "loss": s} for w, s in tried.items()]
         if not tried or min(tried.values()) >= best:

@@ -66,7 +66,7 @@ ZO_METHODS = {
     # docs/research.md), so each query covers half the span at the same passes; lost its screen (0.83x rank 16)
     "zoodip_jsub8_lr5e3": ("w8", {**FAST_SCHEDULE, "prior_rank": 8},
                            "zoodip, jacobian top-8 subspace, refreshed, lr 5e-3"),
-    # issue #20's candidate: the default schedule from a searched start (zo_runtime.init_search: the shape word
+    # issue #20's candidate: the default schedule from a searched start (bench/toy/init_search.py: the shape word
     # plus up to 2 of the world's words, kept by a fixed 16-draw loss), its passes taken from the same budget
     "zoodip_jsub_lr5e3_init": ("w8", FAST_SCHEDULE, "zoodip, jacobian subspace, lr 5e-3, searched init"),
     # ... and two variants of it: half the lr (a searched start is nearer, the walk's noise then costs more) and
@@ -190,17 +190,17 @@ def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, ste
 
 def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
     """Train in stages up to each eval step and score after each stage."""
-    steps, search, t0 = eval_steps(spec, method), None, time.perf_counter()
+    steps, search, spent, t0 = eval_steps(spec, method), None, 0, time.perf_counter()
+    passes = zo_config(spec, method).passes
     if method in INIT_SEARCH:
         spec, search = searched_init(spec, method, work / method)
-        spent = -(-search["budget"] // zo_config(spec, method).passes)   # whole steps the worst case costs
+        spent = -(-search["budget"] // passes)         # charged as the whole steps its worst case takes
         steps = [s - spent for s in steps]
     search_s = time.perf_counter() - t0
     curve, train_s, images = train_and_score(spec, method, ev, work / method, steps, resume=False)
-    if search:                                   # charged as the whole steps its worst case takes
-        for row in curve:
-            row["forward_passes"] += spent * zo_config(spec, method).passes
-    return curve, {"train_seconds": round(train_s + search_s, 2), "passes_per_step": zo_config(spec, method).passes,
+    for row in curve:
+        row["forward_passes"] += spent * passes
+    return curve, {"train_seconds": round(train_s + search_s, 2), "passes_per_step": passes,
                    "images": images, "config": {**spec["zo"], **ZO_METHODS[method][1]}, "init_search": search}
 
 
