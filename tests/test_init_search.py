@@ -1,11 +1,15 @@
-"""Composite inits ("dog+red": summed token rows) and the greedy init search over candidate words."""
+"""Composite inits ("dog+red": summed token rows) and --init-candidates, the greedy init search before step 1."""
 from __future__ import annotations
+
+import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
-from bench.toy import init_search as S
-from zo_runtime import objective as O
+from zo_runtime import init_search as S, objective as O, schedule
+from zo_runtime import train as T
 from zo_runtime.train_config import TrainConfig
 
 
@@ -16,6 +20,10 @@ def quick(**kw):
 
 def row(run, word):
     return np.asarray(run.text.table[run.text.tokenizer.token_id(word + "</w>")], np.float32)
+
+
+def embeds(out):
+    return load_file(str(out / T.EMBEDS))["sks"]
 
 
 def test_a_composite_init_starts_at_the_sum_of_its_words(tiny_exported, photos, tmp_path):
@@ -36,36 +44,74 @@ def test_a_bad_composite_init_is_one_clear_error(tiny_exported, photos, tmp_path
 
 def test_the_search_adds_the_words_that_lower_the_loss_and_stops_without_gain(tiny_exported, photos, tmp_path,
                                                                               monkeypatch):
-    run = O.open_objective(tiny_exported, photos, tmp_path, quick())
+    cfg = quick(init_candidates="blue, striped,red,cat,red,dog", init_rounds=3, init_draws=2)
+    assert cfg.init_words() == ("blue", "striped", "red", "cat")          # repeats and the init itself left out
+    run = O.open_objective(tiny_exported, photos, tmp_path, cfg)
     target = row(run, "dog") + row(run, "red") + row(run, "striped")
     # a loss whose minimum is dog + red + striped: two rounds find it, the third finds no gain and stops
     monkeypatch.setattr(O, "eval_losses", lambda r, v, rngs: [float(np.sum((v[0] - target) ** 2)) for _ in rngs])
-    cfg = S.InitSearchConfig(candidates=("blue", "striped", "red", "cat", "red"), rounds=3, draws=2)
-    init, scores, passes = S.search_init(run, cfg)
-    assert init.split("+")[0] == "dog" and sorted(init.split("+")[1:]) == ["red", "striped"]
-    assert [s["round"] for s in scores] == [1] * 4 + [2] * 3 + [3] * 2        # duplicates tried once
-    assert passes == 2 * (1 + 4 + 3 + 2) == cfg.max_passes()
-    best = {r: min((s for s in scores if s["round"] == r), key=lambda s: s["loss"])["word"] for r in (1, 2, 3)}
-    assert [best[1], best[2]] == init.split("+")[1:] and best[3] in ("blue", "cat")
+    found = S.search(run, O.Local())
+    assert found.init.split("+")[0] == "dog" and sorted(found.init.split("+")[1:]) == ["red", "striped"]
+    assert [s["round"] for s in found.scores] == [0] + [1] * 4 + [2] * 3 + [3] * 2
+    assert found.passes == 2 * (1 + 4 + 3 + 2) == cfg.init_search_passes()
+    best = {r: min((s for s in found.scores if s["round"] == r), key=lambda s: s["loss"])["word"] for r in (1, 2, 3)}
+    assert [best[1], best[2]] == found.init.split("+")[1:] and best[3] in ("blue", "cat")
+    assert found.loss == pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_search_on_the_model_never_ends_above_its_start(tiny_exported, photos, tmp_path):
-    run = O.open_objective(tiny_exported, photos, tmp_path, quick())
-    cfg = S.InitSearchConfig(candidates=("red", "blue", "cat"), rounds=2, draws=3)
-    init, scores, passes = S.search_init(run, cfg)
-    assert init.split("+")[0] == "dog" and passes <= cfg.max_passes()
+    cfg = quick(init_candidates="red,blue,cat", init_rounds=2, init_draws=3)
+    run = O.open_objective(tiny_exported, photos, tmp_path, cfg)
+    found = S.search(run, O.Local())
+    assert found.init.split("+")[0] == "dog" and found.passes <= cfg.init_search_passes()
 
     def loss(words):
-        v = np.sum([O.word_rows(run.text, w) for w in words.split("+")], axis=0)[None]
-        return S.search_loss(run, v, cfg.draws)
-    assert loss(init) <= loss("dog")
-    assert S.search_init(run, cfg) == (init, scores, passes)                  # same draws: the same answer
+        return S.search_loss(run, O.Local(), O.init_rows(run.text, words, 1))
+    assert loss(found.init) == found.loss <= loss("dog") == found.scores[0]["loss"]
+    assert S.search(run, O.Local()) == found                               # same draws: the same answer
 
 
-def test_a_candidate_of_two_words_fails_before_any_pass(tiny_exported, photos, tmp_path, monkeypatch):
-    run = O.open_objective(tiny_exported, photos, tmp_path, quick())
-    monkeypatch.setattr(O, "eval_losses", lambda *a: pytest.fail("a pass ran before the candidates were checked"))
-    with pytest.raises(ValueError, match="'hot dog' is not one word"):
-        S.search_init(run, S.InitSearchConfig(candidates=("red", "hot dog")))
-    with pytest.raises(ValueError, match="rounds and draws"):
-        S.InitSearchConfig(rounds=0)
+@pytest.mark.parametrize("words, match", [("red,hot dog", "'hot dog'"), ("red,,blue", "''"), ("", "''"),
+                                          ("red+blue", "'red\\+blue'")])
+def test_bad_candidates_are_one_clear_error_before_anything_opens(words, match):
+    with pytest.raises(ValueError, match=f"--init-candidates .*single words separated by commas.*{match}"):
+        quick(init_candidates=words)
+    with pytest.raises(ValueError, match="init-rounds must be >= 1"):
+        quick(init_candidates="red", init_rounds=0)
+    with pytest.raises(ValueError, match="names 'sks', the token being learned"):
+        quick(init_candidates="red,sks")
+
+
+def test_training_from_the_search_is_training_from_its_start(tiny_exported, photos, tmp_path):
+    """--init-candidates = the search, then exactly `--init <what it found>`; a resume reads the start back."""
+    cfg = quick(init_candidates="red,blue,cat,striped", init_draws=2, directions="jacobian", prior_refresh=2, tau=4)
+    T.train(tiny_exported, photos, tmp_path / "search", cfg)
+    found = json.loads((tmp_path / "search" / S.RESULT).read_text())
+    config = json.loads((tmp_path / "search" / "config.json").read_text())
+    assert config["start"] == found["init"] and config["init_search_passes"] == found["passes"] == 2 * 5
+    T.train(tiny_exported, photos, tmp_path / "direct", replace(cfg, init=found["init"], init_candidates=None))
+    np.testing.assert_array_equal(embeds(tmp_path / "search"), embeds(tmp_path / "direct"))
+
+    T.train(tiny_exported, photos, tmp_path / "split", replace(cfg, steps=2, save_every=1))
+    T.train(tiny_exported, photos, tmp_path / "split", replace(cfg, resume=True))
+    np.testing.assert_array_equal(embeds(tmp_path / "split"), embeds(tmp_path / "search"))
+
+
+def test_a_resume_needs_the_search_it_started_from(tiny_exported, photos, tmp_path):
+    cfg = quick(init_candidates="red,blue", init_draws=1, steps=2, save_every=1)
+    T.train(tiny_exported, photos, tmp_path, cfg)
+    with pytest.raises(ValueError, match="init_candidates='red,blue' \\(now 'red,cat'\\)"):
+        T.train(tiny_exported, photos, tmp_path, replace(cfg, init_candidates="red,cat", steps=3, resume=True))
+    (tmp_path / S.RESULT).unlink()
+    with pytest.raises(ValueError, match="init_search.json is missing"):
+        T.train(tiny_exported, photos, tmp_path, replace(cfg, steps=3, resume=True))
+
+
+def test_the_fast_schedule_spends_the_search_from_its_steps():
+    manifest = {"family": "sd1"}
+    plain = schedule.resolve(TrainConfig(token="sks", init="dog"), manifest)
+    cfg = TrainConfig(token="sks", init="dog", init_candidates=",".join(f"w{i}" for i in range(22)))
+    assert cfg.init_search_passes() == 16 * 23 == 368
+    searched = schedule.resolve(cfg, manifest)
+    assert searched.steps == plain.steps - 123                              # ceil(368 / 3)
+    assert schedule.resolve(replace(cfg, steps=500), manifest).steps == 500    # --steps is the user's

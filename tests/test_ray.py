@@ -104,9 +104,10 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert [{k: r.get(k) for k in keys} for r in rows(a)] == [{k: r.get(k) for k in keys} for r in rows(b)]
 
 
-# One subject across workers: jacobian directions refreshed on the driver, early stopping on the workers.
+# One subject across workers: the init search and early stopping's validation on the workers, jacobian
+# directions refreshed on the driver.
 PARALLEL = dict(steps=40, save_every=10, directions="jacobian", prior_prompts=1, prior_rank=4, prior_refresh=4,
-                early_stop=True, val_every=10, val_draws=3, patience=50)
+                early_stop=True, val_every=10, val_draws=3, patience=50, init_candidates="red,blue", init_draws=3)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,7 @@ def test_two_workers_equal_one_process_bit_for_bit(tiny_exported, photos, tmp_pa
     assert_same_run(single, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["config"] == \
         json.loads((single / "config.json").read_text())["config"]
+    assert (tmp_path / "init_search.json").read_text() == (single / "init_search.json").read_text()
 
 
 @pytest.mark.slow

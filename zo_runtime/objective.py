@@ -44,12 +44,17 @@ def word_rows(text: TextEncoder, word: str, what: str = "--init") -> np.ndarray:
     return np.sum([text.table[text.tokenizer.token_id(p)] for p in pieces], axis=0, dtype=np.float32)
 
 
+def init_rows(text: TextEncoder, init: str, k: int) -> np.ndarray:
+    """(k, d) float32 start: the row of the --init word, or the sum of the rows of words joined by + (e.g. what
+    --init-candidates found), repeated for each of the k vectors."""
+    v = np.sum([word_rows(text, w) for w in init.split("+")], axis=0, dtype=np.float32)
+    return np.repeat(v[None], k, axis=0)
+
+
 def place_tokens(text: TextEncoder, cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
-    """Add sks, sks_1, ... to the tokenizer; v0 = the init word's row, (k, d) float32 (an init "a+b": the
-    sum of the rows of a and b, e.g. what init_search found)."""
-    v = np.sum([word_rows(text, w) for w in cfg.init.split("+")], axis=0, dtype=np.float32)
+    """Add sks, sks_1, ... to the tokenizer at init_rows; returns (tokens, (k, d) v0)."""
     tokens = vector_names(cfg.token, cfg.num_vectors)
-    v0 = np.repeat(v[None], cfg.num_vectors, axis=0)
+    v0 = init_rows(text, cfg.init, cfg.num_vectors)
     text.add_tokens(tokens, v0)    # ValueError if the placeholder already exists
     return tokens, v0
 
@@ -251,7 +256,7 @@ class Draw(NamedTuple):
 def draw(run: Objective, rng: np.random.Generator) -> Draw:
     """A step's draws, common to all its passes: image, flip, prompt, t, noise -> x_t and the target.
 
-    rng: zo.step_rng(seed, step) in training, validation_rng(seed, i) for the fixed validation set."""
+    rng: zo.step_rng(seed, step) in training, fixed_rng(seed, i, stream) for a fixed set."""
     cfg = run.cfg
     index, flip = int(rng.integers(len(run.latents.names))), bool(rng.random() < 0.5)
     prompt, base, rows, extra = run.prompts.draw(rng, index)
@@ -267,9 +272,9 @@ def draw(run: Objective, rng: np.random.Generator) -> Draw:
     return Draw(prompt, base, rows, t, x_t, eps, extra)
 
 
-def validation_rng(seed: int, i: int) -> np.random.Generator:
-    """Draw i of the fixed validation set: a stream of its own, apart from every training step's."""
-    return np.random.default_rng([seed, i, VALIDATION_STREAM])
+def fixed_rng(seed: int, i: int, stream: int) -> np.random.Generator:
+    """Draw i of a fixed set of draws on `stream` (validation, init search): apart from every training step's."""
+    return np.random.default_rng([seed, i, stream])
 
 
 def eval_losses(run: Objective, vectors: np.ndarray, rngs) -> list[float]:
@@ -300,9 +305,14 @@ def eval_loss(run: Objective, vectors: np.ndarray, rngs) -> float:
     return mean_in_order(eval_losses(run, vectors, rngs))
 
 
+def fixed_losses(run: Objective, vectors: np.ndarray, draws: Sequence[int], stream: int) -> list[float]:
+    """Base losses of (k, d) vectors on draws `draws` of the fixed set on `stream` (fixed_rng)."""
+    return eval_losses(run, vectors, (fixed_rng(run.cfg.seed, i, stream) for i in draws))
+
+
 def validation_losses(run: Objective, vectors: np.ndarray, draws: Sequence[int]) -> list[float]:
     """Base losses of (k, d) vectors on draws `draws` (of 1 ... cfg.val_draws) of the fixed validation set."""
-    return eval_losses(run, vectors, (validation_rng(run.cfg.seed, i) for i in draws))
+    return fixed_losses(run, vectors, draws, VALIDATION_STREAM)
 
 
 def validation_loss(run: Objective, vectors: np.ndarray) -> float:
@@ -351,6 +361,9 @@ class Evaluator(Protocol):
     def validation_loss(self, run: Objective, vectors: np.ndarray) -> float:
         """validation_loss(run, vectors), wherever it is computed."""
 
+    def fixed_loss(self, run: Objective, vectors: np.ndarray, draws: Sequence[int], stream: int) -> float:
+        """mean_in_order(fixed_losses(run, vectors, draws, stream)), wherever it is computed."""
+
 
 @dataclass
 class Local:
@@ -366,3 +379,6 @@ class Local:
 
     def validation_loss(self, run: Objective, vectors: np.ndarray) -> float:
         return validation_loss(run, vectors)
+
+    def fixed_loss(self, run: Objective, vectors: np.ndarray, draws: Sequence[int], stream: int) -> float:
+        return mean_in_order(fixed_losses(run, vectors, draws, stream))

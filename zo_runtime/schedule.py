@@ -7,6 +7,7 @@ the run really used.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 # The settings each schedule picks. paper: the reference's (method.md); fast: what the toy-world
@@ -70,12 +71,15 @@ def mu_warning(manifest: dict, mu: float) -> str | None:
 def resolve(cfg, manifest: dict):
     """cfg with every unset setting filled from its schedule, the model family and the model's manifest.
 
+    steps: the schedule's, less the whole steps an --init-candidates search may spend (same passes in all).
     mu: the one the model's quantization validated for training (manifest "train_defaults", w8-fast), else
     the family's. Warns (with the fix) when the mu used is below what the model's ZO gate validated.
     """
     base = defaults(cfg.schedule, manifest.get("family", "sd1"))
     base.update({k: v for k, v in (manifest.get("train_defaults") or {}).items() if k in ("mu", "lr")})
     filled = {k: v for k, v in base.items() if getattr(cfg, k) is None}
+    if "steps" in filled:                   # the schedule's passes include an init search's (init_search.py)
+        filled["steps"] = max(1, filled["steps"] - math.ceil(cfg.init_search_passes() / cfg.passes))
     out = dataclasses.replace(cfg, **filled)
     why = mu_warning(manifest, out.mu)
     if why:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import objective as obj, plan as pl, priors, zo
+from . import init_search, objective as obj, plan as pl, priors, zo
 from .early_stop import Tracker
 from .embeds import save_learned_embeds
 from .io_utils import atomic_savez, atomic_write_json, atomic_write_text
@@ -27,7 +27,7 @@ from .train_config import TrainConfig, trajectory
 
 CHECKPOINT = "checkpoint.npz"
 EMBEDS, LAST_EMBEDS = "learned_embeds.safetensors", "learned_embeds_last.safetensors"
-OUTPUTS = (EMBEDS, LAST_EMBEDS, "config.json", "log.jsonl", "timing.json")   # what a run writes in OUT
+OUTPUTS = (EMBEDS, LAST_EMBEDS, "config.json", "log.jsonl", "timing.json", init_search.RESULT)   # a run's in OUT
 # Settings of older zoodip versions that no longer exist, at the value that behaves as this version does.
 RETIRED = {"estimator": "rge", "lr_schedule": "constant", "average": 0.0, "normalize": "coordinate",
            "prior_power": 1.0, "prior_words": None, "guide_share": 0.5, "betas": [0.9, 0.999]}
@@ -104,7 +104,8 @@ def _save(out: Path, run: obj.Objective, state: zo.ZOState, tracker: Tracker) ->
     return save_learned_embeds(out / EMBEDS, cfg.token, tracker.best_v.reshape(run.v0.shape), split)
 
 
-def _write_config(out: Path, run: obj.Objective, images_dir, plan: pl.Plan | None = None) -> None:
+def _write_config(out: Path, run: obj.Objective, images_dir, plan: pl.Plan | None = None,
+                  found: init_search.Found | None = None) -> None:
     from importlib.metadata import PackageNotFoundError, version
     import onnxruntime
 
@@ -119,6 +120,7 @@ def _write_config(out: Path, run: obj.Objective, images_dir, plan: pl.Plan | Non
         "scheme": run.model.manifest.get("scheme"), "prediction_type": run.model.manifest["prediction_type"],
         "passes_per_step": cfg.zo.passes, "unet_calls_per_step": math.ceil(cfg.zo.passes / run.unet_rows),
         "provider": (run.unet or run.text.session).provider, "plan": plan.as_dict() if plan else None,
+        "start": found.init if found else run.cfg.init, "init_search_passes": found.passes if found else 0,
         "versions": {"zoodip": zoodip_version, "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
                      "python": platform.python_version()},
     })
@@ -168,6 +170,17 @@ def _validate(run: obj.Objective, ev: obj.Evaluator, state: zo.ZOState, tracker:
     return {"val_loss": loss, "val_best": best}
 
 
+def _searched(run: obj.Objective, ev: obj.Evaluator, out: Path, state: zo.ZOState, tracker: Tracker) -> tuple:
+    """--init-candidates: (run, state, tracker, found) from the searched start (searched on a fresh run, read
+    back from OUT on a resume, where state and tracker are the checkpoint's)."""
+    t0, fresh = time.perf_counter(), state.step == 0
+    run, found, searched = init_search.searched_start(run, ev, out, fresh)
+    tqdm.write(init_search.summary(found, time.perf_counter() - t0 if searched else None))
+    if fresh:
+        state, tracker = zo.ZOState.start(run.v0, run.cfg.zo), Tracker.start(run.v0)
+    return run, state, tracker, found
+
+
 def _plan(run: obj.Objective, timing: list, steps: int, done: int, budget: float | None, elapsed: float,
           fit_budget: bool) -> pl.Plan:
     """The plan from the timed steps (the first one left out: one-off start costs) and the loop's overheads;
@@ -194,9 +207,12 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
     ev = evaluator or obj.Local()
     run = ev.open(model_dir, images_dir, out, cfg)
     cfg = run.cfg
-    state, tracker = _start(out, cfg, run.v0, run.fingerprint)
+    state, tracker = _start(out, cfg, run.v0, run.fingerprint)     # refuses before any pass is spent
     budget = pl.parse_duration(cfg.time_budget) if cfg.time_budget else None
-    _write_config(out, run, images_dir)
+    found = None
+    if cfg.init_candidates is not None:
+        run, state, tracker, found = _searched(run, ev, out, state, tracker)
+    _write_config(out, run, images_dir, found=found)
     buf, steps, first, timing, stop = obj.Buffers.for_run(run), cfg.steps, state.step + 1, [], None
     bar = tqdm(total=steps, initial=state.step, desc=f"train {cfg.token}", unit="step", disable=not cfg.progress)
     with open(out / "log.jsonl", "a", encoding="utf-8") as log:
@@ -221,7 +237,7 @@ def train(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, cf
             if cfg.warmup_steps and (len(timing) == cfg.warmup_steps or over and len(timing) < cfg.warmup_steps):
                 plan = _plan(run, timing, steps, state.step, budget, time.perf_counter() - started, fit_budget)
                 steps, bar.total = plan.steps, plan.steps
-                _write_config(out, run, images_dir, plan)      # before the line: whoever reads it finds the plan
+                _write_config(out, run, images_dir, plan, found)   # before the line: whoever reads it finds it
                 tqdm.write(plan.line())
             if stop is None and over:
                 stop = "time budget reached"

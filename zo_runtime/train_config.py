@@ -25,6 +25,10 @@ class TrainConfig:
     token: str = setting(help="New placeholder token, e.g. sks (must not be in the vocabulary).", cli=True)
     init: str = setting(help="One existing token to start from, e.g. dog; words joined by + start from the "
                         "sum of their rows, e.g. dog+brown.", cli=True)
+    init_candidates: str | None = setting(
+        None, "Words to try adding to --init before step 1, comma-separated, e.g. brown,white,fluffy: the one "
+        "that lowers the loss most on fixed draws is kept (UNet passes, at most init_draws x (words + 1); the "
+        "fast schedule takes them off its steps) [default: no search].", cli=True, metavar="WORDS")
     schedule: str = setting("fast", "Defaults for the settings left unset: fast, what the toy-world evidence "
                             "supports (docs/research.md); paper, the reference's (30,000 steps, lr 5e-3, "
                             "gaussian directions, no early stop).", cli=True, choices=tuple(SCHEDULES))
@@ -54,6 +58,9 @@ class TrainConfig:
     force: bool = setting(False, "Replace results in OUT that another run wrote (nothing is replaced "
                           "without it).", cli=True)
     # Method and run settings (--set NAME=VALUE).
+    init_rounds: int = setting(1, "init_candidates: words the search adds at most (a round without a gain ends "
+                               "it; 1 round beat 2 on the toy world).")
+    init_draws: int = setting(16, "init_candidates: (image, t, noise) draws each candidate is scored on.")
     num_vectors: int = setting(1, "Vectors per token (sks, sks_1, ...); the reference trains one.")
     save_every: int = setting(500, "Checkpoint period in steps (reference save_steps); 0: only at the end.")
     queries: int = setting(2, "n: perturbations per step, n + 1 forward passes; best CLIP-I per pass in the paper.")
@@ -103,7 +110,8 @@ class TrainConfig:
                              "leave it out for the model's native size")
         zo.ZOConfig(queries=self.queries, mu=self.mu or 1.0, tau=self.tau, nu=self.nu,
                     subspace_cap=self.subspace_cap, lr=self.lr or 1.0)      # validates the optimizer fields
-        for name in ("steps", "num_vectors", "val_every", "val_draws"):
+        self.init_words()                                        # ValueError names the fix
+        for name in ("steps", "num_vectors", "val_every", "val_draws", "init_rounds", "init_draws"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if min(self.save_every, self.sample_every, self.patience, self.warmup_steps) < 0:
@@ -123,6 +131,28 @@ class TrainConfig:
     def passes(self) -> int:
         """Forward passes per step (known before the schedule is resolved)."""
         return self.queries + 1
+
+    def init_words(self) -> tuple[str, ...]:
+        """--init-candidates as words, those already in --init left out: 'red, blue' -> ('red', 'blue')."""
+        if self.init_candidates is None:
+            return ()
+        words = [w.strip() for w in str(self.init_candidates).split(",")]
+        bad = [w for w in words if not w or len(w.split()) != 1 or "+" in w]
+        if bad:
+            raise ValueError(f"--init-candidates {self.init_candidates!r}: give single words separated by commas, "
+                             f"e.g. red,blue,striped (not {', '.join(repr(w) for w in bad)})")
+        if self.token in words:
+            raise ValueError(f"--init-candidates names {self.token!r}, the token being learned: leave it out")
+        used = self.init.split("+")
+        return tuple(w for w in dict.fromkeys(words) if w not in used)
+
+    def init_search_passes(self) -> int:
+        """UNet passes an --init-candidates search spends at most: the start, then per round (init_rounds)
+        every word not yet used, each on init_draws draws (init_search.py)."""
+        if self.init_candidates is None:
+            return 0
+        n = len(self.init_words())
+        return self.init_draws * (1 + sum(max(n - r, 0) for r in range(self.init_rounds)))
 
     @property
     def zo(self) -> zo.ZOConfig:

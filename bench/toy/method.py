@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from models.toyworld.attributes import to_array
+from zo_runtime import init_search
 from zo_runtime.image_io import load_rgb
 
 from .. import common
@@ -66,8 +67,8 @@ ZO_METHODS = {
     # docs/research.md), so each query covers half the span at the same passes; lost its screen (0.83x rank 16)
     "zoodip_jsub8_lr5e3": ("w8", {**FAST_SCHEDULE, "prior_rank": 8},
                            "zoodip, jacobian top-8 subspace, refreshed, lr 5e-3"),
-    # issue #20's candidate: the default schedule from a searched start (bench/toy/init_search.py: the shape word
-    # plus up to 2 of the world's words, kept by a fixed 16-draw loss), its passes taken from the same budget
+    # issue #20's candidate: the default schedule from a searched start (--init-candidates, zo_runtime/init_search.py:
+    # the shape word plus up to 2 of the world's words, kept by a fixed 16-draw loss), its passes from the same budget
     "zoodip_jsub_lr5e3_init": ("w8", FAST_SCHEDULE, "zoodip, jacobian subspace, lr 5e-3, searched init"),
     # ... and two variants of it: half the lr (a searched start is nearer, the walk's noise then costs more) and
     # one round (a second word was wrong on 1 of 8 screening runs)
@@ -83,11 +84,11 @@ ZO_METHODS = {
     "zoodip_q16_eq": ("w8", {"queries": 16, "unet_batch": "batch", "lr": 0.04},
                       "zoodip, 16 queries batched, lr 4e-2, same passes"),
 }
-# Methods that first search their init (INIT_SEARCH's words: every word of the toy world but the init); its
+# Methods that first search their init (--init-candidates: every word of the toy world; init_rounds as given); its
 # worst-case passes come off the training steps, so every eval point is at the same forward passes as zoodip's.
-INIT_SEARCH = {"zoodip_jsub_lr5e3_init": {"rounds": 2, "draws": 16},
-               "zoodip_jsub_lr25e4_init": {"rounds": 2, "draws": 16},
-               "zoodip_jsub_lr5e3_init1": {"rounds": 1, "draws": 16}}
+INIT_SEARCH = {"zoodip_jsub_lr5e3_init": {"init_rounds": 2, "init_draws": 16},
+               "zoodip_jsub_lr25e4_init": {"init_rounds": 2, "init_draws": 16},
+               "zoodip_jsub_lr5e3_init1": {"init_rounds": 1, "init_draws": 16}}
 # Scored at the same forward passes as zoodip (3 a step) rather than the same steps: eval_at * 3 / passes.
 PASS_BUDGET = {"zoodip_q8_eq", "zoodip_q16_eq"}
 # Backprop TI settings (ToyTIConfig overrides, label): the reference and the variants that make it stronger.
@@ -137,6 +138,8 @@ def zo_config(spec: dict, method: str):
     from zo_runtime.train import TrainConfig
 
     zo_cfg = {**spec["zo"], **ZO_METHODS[method][1]}
+    if method in INIT_SEARCH:
+        zo_cfg.update(INIT_SEARCH[method], init_candidates=",".join(world_words()))
     # the paper schedule underneath: a method states what it changes (plain zoodip stays gaussian, no early stop)
     return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"],
                        **{"schedule": "paper", **zo_cfg})
@@ -150,19 +153,11 @@ def eval_steps(spec: dict, method: str) -> list[int]:
     return [max(1, round(s * 3 / zo_config(spec, method).passes)) for s in spec["eval_at"]]
 
 
-def searched_init(spec: dict, method: str, folder: Path) -> tuple[dict, dict]:
-    """(spec with the searched init, {init, scores, passes, budget}) for an INIT_SEARCH method."""
+def world_words() -> tuple[str, ...]:
+    """Every word of the toy world (shapes, colors, patterns, background colors): the search's candidates."""
     from models.toyworld import world
-    from zo_runtime import objective as obj
-    from .init_search import InitSearchConfig, search_init
 
-    words = (*world.SHAPES, *world.COLOR_NAMES, *world.PATTERNS, *world.BACKGROUND_NAMES)
-    cfg = InitSearchConfig(candidates=tuple(w for w in dict.fromkeys(words) if w != spec["init"]),
-                           **INIT_SEARCH[method])
-    run = obj.open_objective(model_folder(spec, ZO_METHODS[method][0]), spec["images"], folder / "search",
-                             zo_config(spec, method))
-    init, scores, passes = search_init(run, cfg)
-    return {**spec, "init": init}, {"init": init, "scores": scores, "passes": passes, "budget": cfg.max_passes()}
+    return tuple(dict.fromkeys((*world.SHAPES, *world.COLOR_NAMES, *world.PATTERNS, *world.BACKGROUND_NAMES)))
 
 
 def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, steps: list[int],
@@ -190,17 +185,16 @@ def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, ste
 
 def _zo_curve(spec: dict, method: str, ev: ToyEvaluator, work: Path) -> tuple[list, dict]:
     """Train in stages up to each eval step and score after each stage."""
-    steps, search, spent, t0 = eval_steps(spec, method), None, 0, time.perf_counter()
-    passes = zo_config(spec, method).passes
-    if method in INIT_SEARCH:
-        spec, search = searched_init(spec, method, work / method)
-        spent = -(-search["budget"] // passes)         # charged as the whole steps its worst case takes
-        steps = [s - spent for s in steps]
-    search_s = time.perf_counter() - t0
-    curve, train_s, images = train_and_score(spec, method, ev, work / method, steps, resume=False)
+    cfg = zo_config(spec, method)
+    passes, budget = cfg.passes, cfg.init_search_passes()
+    spent = -(-budget // passes)                # an init search: charged as the whole steps its worst case takes
+    curve, train_s, images = train_and_score(spec, method, ev, work / method,
+                                             [s - spent for s in eval_steps(spec, method)], resume=False)
+    found = work / method / init_search.RESULT
+    search = {**json.loads(found.read_text()), "budget": budget} if found.is_file() else None
     for row in curve:
         row["forward_passes"] += spent * passes
-    return curve, {"train_seconds": round(train_s + search_s, 2), "passes_per_step": passes,
+    return curve, {"train_seconds": round(train_s, 2), "passes_per_step": passes,
                    "images": images, "config": {**spec["zo"], **ZO_METHODS[method][1]}, "init_search": search}
 
 

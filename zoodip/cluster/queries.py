@@ -42,8 +42,8 @@ class QueryWorker:
             self.drawn = (step, obj.draw(self.run, zo.step_rng(self.run.cfg.seed, step)))
         return obj.point_losses(self.run, points, self.drawn[1], self.buf, calls)
 
-    def validation(self, vectors: np.ndarray, draws: list[int]) -> list[float]:
-        return obj.validation_losses(self.run, vectors, draws)
+    def fixed(self, vectors: np.ndarray, draws: list[int], stream: int) -> list[float]:
+        return obj.fixed_losses(self.run, vectors, draws, stream)
 
 
 def shares(count: int, workers: int) -> list[list[int]]:
@@ -81,13 +81,17 @@ class Remote:
         return out
 
     def validation_loss(self, run: obj.Objective, vectors: np.ndarray) -> float:
-        parts = shares(run.cfg.val_draws, len(self.pool.live) or 1)
-        got = self.pool.run([lambda a, c=c: a.validation.remote(vectors, [i + 1 for i in c]) for c in parts])
-        values = [0.0] * run.cfg.val_draws
+        return self.fixed_loss(run, vectors, range(1, run.cfg.val_draws + 1), obj.VALIDATION_STREAM)
+
+    def fixed_loss(self, run: obj.Objective, vectors: np.ndarray, draws, stream: int) -> float:
+        draws = list(draws)
+        parts = shares(len(draws), len(self.pool.live) or 1)
+        got = self.pool.run([lambda a, c=c: a.fixed.remote(vectors, [draws[i] for i in c], stream) for c in parts])
+        values = [0.0] * len(draws)
         for items, part in zip(parts, got):
             for i, v in zip(items, part):
                 values[i] = v
-        return obj.mean_in_order(values)                 # the order validation_loss sums in
+        return obj.mean_in_order(values)                 # the order fixed_loss sums in here
 
     def close(self) -> None:
         if self.pool:
