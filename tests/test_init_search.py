@@ -115,3 +115,17 @@ def test_the_fast_schedule_spends_the_search_from_its_steps():
     searched = schedule.resolve(cfg, manifest)
     assert searched.steps == plain.steps - 123                              # ceil(368 / 3)
     assert schedule.resolve(replace(cfg, steps=500), manifest).steps == 500    # --steps is the user's
+
+
+def test_a_search_of_the_same_settings_is_reused_and_another_is_searched_again(tiny_exported, photos, tmp_path,
+                                                                                 monkeypatch):
+    cfg = quick(init_candidates="red,blue", init_draws=1, steps=1)
+    T.train(tiny_exported, photos, tmp_path, cfg)                 # e.g. a run killed before its first checkpoint
+    first = (tmp_path / S.RESULT).read_text()
+    calls = []
+    monkeypatch.setattr(S, "search", lambda run, ev: calls.append(run.cfg.t_range) or pytest.fail("searched"))
+    T.train(tiny_exported, photos, tmp_path, replace(cfg, force=True))
+    assert calls == [] and (tmp_path / S.RESULT).read_text() == first
+    with pytest.raises(pytest.fail.Exception, match="searched"):     # other draws: the search runs again
+        T.train(tiny_exported, photos, tmp_path, replace(cfg, force=True, t_range=(100, 900)))
+    assert calls == [(100, 900)]

@@ -42,9 +42,11 @@ class Found:
 
 
 def _settings(run: obj.Objective) -> dict:
-    c = run.cfg
-    return {"init": c.init, "candidates": list(c.init_words()), "rounds": c.init_rounds, "draws": c.init_draws,
-            "seed": c.seed, "resolution": run.resolution, **run.fingerprint}
+    """Everything the search's losses depend on (JSON-ready): the words, the draws, the model and the photos."""
+    c = run.cfg.as_dict()
+    keep = ("init", "init_rounds", "init_draws", "seed", "t_range", "templates", "captions", "latent", "num_vectors")
+    return {**{k: c[k] for k in keep}, "candidates": list(run.cfg.init_words()), "resolution": run.resolution,
+            **run.fingerprint}
 
 
 def search_loss(run: obj.Objective, ev: obj.Evaluator, v: np.ndarray) -> float:
@@ -122,4 +124,4 @@ def summary(found: Found, seconds: float | None) -> str:
     """The line printed after the search (seconds: its time; None: read back from OUT)."""
     took = f" in {seconds:.0f} s" if seconds is not None else f", searched before ({RESULT})"
     return (f"init search: start {found.init} (loss {found.scores[0]['loss']:.5f} -> {found.loss:.5f} on "
-            f"{found.settings['draws']} fixed draws), {found.passes} UNet passes{took}")
+            f"{found.settings['init_draws']} fixed draws), {found.passes} UNet passes{took}")
