@@ -129,3 +129,17 @@ def test_a_search_of_the_same_settings_is_reused_and_another_is_searched_again(t
     with pytest.raises(pytest.fail.Exception, match="searched"):     # other draws: the search runs again
         T.train(tiny_exported, photos, tmp_path, replace(cfg, force=True, t_range=(100, 900)))
     assert calls == [(100, 900)]
+
+
+def test_the_cli_takes_the_words_and_names_a_bad_one_in_one_line(tiny_exported, photos, tmp_path):
+    from click.testing import CliRunner
+
+    from zoodip.cli import main
+    args = ["train", str(tiny_exported), "--images", str(photos), "--token", "sks", "--init", "dog", "--steps", "2",
+            "--schedule", "paper", "--set", "init_draws=1", "--out", str(tmp_path)]
+    bad = CliRunner().invoke(main, [*args, "--init-candidates", "red,hot dog"])
+    assert bad.exit_code == 1 and "'hot dog'" in bad.output and "Traceback" not in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / S.RESULT).exists()
+    ok = CliRunner().invoke(main, [*args, "--init-candidates", "red,blue"])
+    assert ok.exit_code == 0, ok.output
+    assert "at most 3 UNet passes before step 1" in ok.output and "init search: start dog" in ok.output
