@@ -61,14 +61,21 @@ class TIParts:
 
 
 
-def add_placeholder(tok, cfg: TorchTIConfig) -> tuple[int, int]:
-    """Add cfg.token to a CLIP tokenizer: (the initializer word's id, the placeholder's id); both checked."""
-    init_ids = tok.encode(cfg.init, add_special_tokens=False)
-    if len(init_ids) != 1:
-        raise ValueError(f"the initializer {cfg.init!r} must be a single token (it is {len(init_ids)})")
+def add_placeholder(tok, cfg: TorchTIConfig) -> tuple[list[int], int]:
+    """Add cfg.token to a CLIP tokenizer: (the ids whose rows the start sums, the placeholder's id), checked.
+
+    A plain init must be one token, as in the diffusers script; words joined by + (zoodip's --init-candidates
+    start, e.g. "ring+solid") sum the rows of every piece of every word, as zo_runtime.objective.init_rows."""
+    words = cfg.init.split("+")
+    ids = [i for w in words for i in tok.encode(w, add_special_tokens=False)]
+    if len(words) == 1 and len(ids) != 1:
+        raise ValueError(f"the initializer {cfg.init!r} must be a single token (it is {len(ids)})")
+    if not all(w.strip() for w in words):
+        raise ValueError(f"the initializer {cfg.init!r} has an empty word")
     if tok.add_tokens([cfg.token]) != 1:
         raise ValueError(f"placeholder {cfg.token!r} is already in the vocabulary; pick another")
-    return init_ids[0], tok.convert_tokens_to_ids(cfg.token)
+    return ids, tok.convert_tokens_to_ids(cfg.token)
+
 
 def load(model_dir: str | Path, cfg: TorchTIConfig) -> TIParts:
     """Load a diffusers SD folder and set it up for TI exactly like the diffusers script."""
@@ -86,11 +93,11 @@ def load(model_dir: str | Path, cfg: TorchTIConfig) -> TIParts:
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
     sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    init_id, pid = add_placeholder(tok, cfg)
+    init_ids, pid = add_placeholder(tok, cfg)
     te.resize_token_embeddings(len(tok))
     table = te.get_input_embeddings().weight                  # (V+1, d)
     with torch.no_grad():
-        table[pid] = table[init_id].clone()
+        table[pid] = table[init_ids].sum(0)
     vae.requires_grad_(False)
     unet.requires_grad_(False)
     te.text_model.encoder.requires_grad_(False)

@@ -143,3 +143,15 @@ def test_the_cli_takes_the_words_and_names_a_bad_one_in_one_line(tiny_exported, 
     ok = CliRunner().invoke(main, [*args, "--init-candidates", "red,blue"])
     assert ok.exit_code == 0, ok.output
     assert "at most 3 UNet passes before step 1" in ok.output and "init search: start dog" in ok.output
+
+
+def test_torch_ti_starts_where_zoodip_does_for_a_composite_init(tiny_diffusers, tiny_exported, photos, tmp_path):
+    """The benchmark's TI-from-the-searched-start baseline sums the same rows as init_rows."""
+    from bench import torch_ti
+
+    parts = torch_ti.load(tiny_diffusers, torch_ti.TorchTIConfig(init="dog+red", resolution=32, steps=1, warmup=0))
+    table = parts.text_encoder.get_input_embeddings().weight.detach().numpy()
+    run = O.open_objective(tiny_exported, photos, tmp_path, quick())
+    np.testing.assert_allclose(table[parts.placeholder_id], O.init_rows(run.text, "dog+red", 1)[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="must be a single token"):
+        torch_ti.add_placeholder(parts.tokenizer, torch_ti.TorchTIConfig(init="dog cat"))

@@ -73,7 +73,7 @@ def _text_encoders(root: Path, cfg: TorchTIXLConfig):
         enc.resize_token_embeddings(len(tok))
         table = enc.get_input_embeddings().weight                        # (V+1, d_k)
         with torch.no_grad():
-            table[pid] = table[init].clone()
+            table[pid] = table[init].sum(0)
         enc.requires_grad_(False)                                        # the script freezes the encoder,
         table.requires_grad_(True)                                       # its norm and positions: only tokens learn
         mask = torch.zeros(table.shape[0], 1)

@@ -100,7 +100,11 @@ TI_METHODS = {
     "ti_lr2e2": ({"lr": 2e-2}, "backprop TI, lr 2e-2"),
     "ti_puts": ({"t_range": (500, 900)}, "backprop TI, t in [500, 900)"),
     "ti_b4_lr2e2": ({"batch": 4, "steps": 1500, "lr": 2e-2}, "backprop TI, batch 4, 1,500 steps, lr 2e-2"),
+    "ti_searched_init1": ({}, "backprop TI from the one-word searched start"),
 }
+# TI methods that start where a zoodip method's init search ended (its init_search.json on the same concept):
+# does TI gain as much from the searched start as ZO does?
+TI_START_FROM = {"ti_searched_init1": "zoodip_jsub_lr5e3_init1"}
 OTHER_LABELS = {"init_only": "init word only", "oracle_prompt": "concept in words"}
 METHODS = (*ZO_METHODS, *TI_METHODS, *OTHER_LABELS)
 # Methods whose options left the trainer (measured as no better; docs/research.md has their numbers and the
@@ -210,6 +214,16 @@ def evaluator(spec: dict, scheme: str) -> ToyEvaluator:
                         ToyEvalConfig(**spec.get("eval", {})))
 
 
+def ti_start(spec: dict, method: str) -> str:
+    """TI's init: the concept's, or for TI_START_FROM methods the start that zoodip method's search found."""
+    if method not in TI_START_FROM:
+        return spec["init"]
+    found = Path(spec["work"]) / TI_START_FROM[method] / init_search.RESULT
+    if not found.is_file():
+        raise FileNotFoundError(f"{method} starts from {found}: run {TI_START_FROM[method]} on this concept first")
+    return json.loads(found.read_text())["init"]
+
+
 def _ti_curve(spec: dict, ev: ToyEvaluator, method: str) -> tuple[list, dict]:
     from .ti import ToyTIConfig, train_ti
 
@@ -224,9 +238,10 @@ def _ti_curve(spec: dict, ev: ToyEvaluator, method: str) -> tuple[list, dict]:
         curve.append({"step": step, "forward_passes": step * cfg.batch, "forward_equivalents": 3 * step * cfg.batch,
                       **metrics})
 
-    info = train_ti(spec["pipeline"], spec["images"], spec["init"], cfg, spec["eval_at"], on_eval)
+    info = train_ti(spec["pipeline"], spec["images"], ti_start(spec, method), cfg, spec["eval_at"], on_eval)
     return curve, {**info, "images": last["images"],
-                   "config": {"lr": cfg.lr, "t_range": list(cfg.t_range), "batch": cfg.batch}}
+                   "config": {"lr": cfg.lr, "t_range": list(cfg.t_range), "batch": cfg.batch},
+                   "init": ti_start(spec, method)}
 
 
 def run(method: str, spec: dict) -> dict:
