@@ -194,3 +194,13 @@ def test_ti_variants_count_their_passes(monkeypatch):
     assert toy_method.TI_METHODS["ti_b4"][0] == {"batch": 4, "steps": 1500}
     assert toy_method.label("ti_b4") == "backprop TI, batch 4, 1,500 steps"
     assert "backprop_ti" in toy_method.METHODS and not toy_method.is_zo("ti_b4")
+
+
+def test_ti_from_the_searched_start_reads_the_zoodip_runs_start(tmp_path):
+    from bench.toy import method as M
+    spec = {"work": str(tmp_path), "init": "ring"}
+    assert M.ti_start(spec, "backprop_ti") == "ring"
+    with pytest.raises(FileNotFoundError, match="run zoodip_jsub_lr5e3_init1 on this concept first"):
+        M.ti_start(spec, "ti_searched_init1")
+    (tmp_path / "zoodip_jsub_lr5e3_init1.result.json").write_text(json.dumps({"init_search": {"init": "ring+solid"}}))
+    assert M.ti_start(spec, "ti_searched_init1") == "ring+solid"

@@ -102,7 +102,7 @@ TI_METHODS = {
     "ti_b4_lr2e2": ({"batch": 4, "steps": 1500, "lr": 2e-2}, "backprop TI, batch 4, 1,500 steps, lr 2e-2"),
     "ti_searched_init1": ({}, "backprop TI from the one-word searched start"),
 }
-# TI methods that start where a zoodip method's init search ended (its init_search.json on the same concept):
+# TI methods that start where a zoodip method's init search ended (its result on the same concept):
 # does TI gain as much from the searched start as ZO does?
 TI_START_FROM = {"ti_searched_init1": "zoodip_jsub_lr5e3_init1"}
 OTHER_LABELS = {"init_only": "init word only", "oracle_prompt": "concept in words"}
@@ -215,13 +215,14 @@ def evaluator(spec: dict, scheme: str) -> ToyEvaluator:
 
 
 def ti_start(spec: dict, method: str) -> str:
-    """TI's init: the concept's, or for TI_START_FROM methods the start that zoodip method's search found."""
+    """TI's init: the concept's, or for TI_START_FROM methods the start that zoodip method's search found (its
+    result file on the same concept)."""
     if method not in TI_START_FROM:
         return spec["init"]
-    found = Path(spec["work"]) / TI_START_FROM[method] / init_search.RESULT
+    found = Path(spec["work"]) / f"{TI_START_FROM[method]}.result.json"
     if not found.is_file():
         raise FileNotFoundError(f"{method} starts from {found}: run {TI_START_FROM[method]} on this concept first")
-    return json.loads(found.read_text())["init"]
+    return json.loads(found.read_text())["init_search"]["init"]
 
 
 def _ti_curve(spec: dict, ev: ToyEvaluator, method: str) -> tuple[list, dict]:
