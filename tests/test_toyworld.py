@@ -124,3 +124,29 @@ def test_shapes_render_differently(pair):
     a = world.render(world.Scene(pair[0], "red", "solid", "white"))
     b = world.render(world.Scene(pair[1], "red", "solid", "white"))
     assert np.abs(a.astype(int) - b.astype(int)).mean() > 5
+
+
+def test_world_words_are_every_attribute_word_once():
+    words = world.words()
+    assert len(words) == len(set(words)) == 23 and {"ring", "pink", "checkered", "white"} <= set(words)
+
+
+def test_read_counts_the_concepts_attributes_in_samples(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from models.toyworld import read
+    triple = ("star", "red", "striped")
+    for i, img in enumerate(world.make_concept_images(triple, 4, seed=5)):
+        img.save(tmp_path / f"{i:03d}.png")
+    world.make_concept_images(("ring", "blue", "dotted"), 1, seed=5)[0].save(tmp_path / "grid.png")   # skipped
+    (tmp_path / "concept.json").write_text(json.dumps(dict(zip(("shape", "color", "pattern"), triple))))
+    counts = read.read(tmp_path, json.loads((tmp_path / "concept.json").read_text()))
+    assert sum(counts["shape"].values()) == 4 and counts["shape"]["star"] >= 3 and counts["color"]["red"] >= 3
+    res = CliRunner().invoke(read.main, [str(tmp_path), str(tmp_path / "concept.json")])
+    assert res.exit_code == 0 and "shape star" in res.output and "/4" in res.output
+    empty = tmp_path / "none"
+    empty.mkdir()
+    res = CliRunner().invoke(read.main, [str(empty), str(tmp_path / "concept.json")])
+    assert res.exit_code == 1 and "no samples" in res.output and "Traceback" not in res.output

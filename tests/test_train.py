@@ -1,5 +1,6 @@
 """Training on the tiny exported model: loss falls, exact resume after SIGKILL, NaN stop, errors, diffusers, no torch."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from zo_runtime import latents, prompts, zo
+from zo_runtime import latents, prompts, schedule as S, zo
 from zo_runtime import objective as O
 from zo_runtime import train as T
 from zo_runtime.model_dir import ModelDir
@@ -279,6 +280,15 @@ def test_personalize_chains_stages_and_reuses_them(tiny_exported, images, tmp_pa
     assert json.loads((tmp_path / "config.json").read_text())["scheme"] != "fp32"    # trained the quantized model
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "reusing it" in again.output and "up to date" in again.output
+
+
+def test_personalize_knows_a_finished_run_when_steps_come_from_the_schedule(tiny_exported, images, tmp_path):
+    from zoodip import personalize as P
+    cfg = T.TrainConfig(token="sks", init="dog", init_candidates="red,blue", progress=False)   # steps unset
+    fast = S.defaults("fast", ModelDir.open(tiny_exported).manifest.get("family", "sd1"))["steps"]
+    assert P._planned_steps(tiny_exported, cfg) == fast - math.ceil(16 * 3 / 3)     # the search's 48 passes off
+    T.train(tiny_exported, images, tmp_path, quick(steps=3, save_every=3))
+    assert P._finished(tmp_path, cfg, 3) and not P._finished(tmp_path, cfg, 4)
 
 
 def test_unet_batch_and_single_give_the_same_losses(tiny_exported, images, tmp_path):

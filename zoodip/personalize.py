@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
+from zo_runtime import schedule
+from zo_runtime.model_dir import ModelDir
 from zo_runtime.train import CHECKPOINT, TrainConfig, checkpoint_step, train
 
 
@@ -23,8 +26,9 @@ def personalize(model: str | Path, images: str | Path, out: str | Path, cfg: Tra
     exported = _exported(model, out, say)
     quantized = _quantized(exported, out, scheme, images, say)
     embeds = out / "learned_embeds.safetensors"
-    if _finished(out, cfg):
-        say(f"[3/4] train: {embeds} is finished ({cfg.steps} steps); reusing it")
+    steps = _planned_steps(quantized, cfg)
+    if _finished(out, cfg, steps):
+        say(f"[3/4] train: {embeds} is finished ({steps} steps); reusing it")
     else:
         say(f"[3/4] train: {quantized} on {images} -> {out}")
         embeds = train(quantized, images, out, cfg)
@@ -32,10 +36,19 @@ def personalize(model: str | Path, images: str | Path, out: str | Path, cfg: Tra
     return embeds
 
 
-def _finished(out: Path, cfg: TrainConfig) -> bool:
+def _planned_steps(model: Path, cfg: TrainConfig) -> int:
+    """The steps training will run: --steps, else the schedule's as train resolves them (less an init search's)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    with warnings.catch_warnings():                     # train itself warns about mu, once
+        warnings.simplefilter("ignore")
+        return schedule.resolve(cfg, ModelDir.open(model).manifest).steps
+
+
+def _finished(out: Path, cfg: TrainConfig, steps: int) -> bool:
     ck, config = out / CHECKPOINT, out / "config.json"
     return (ck.is_file() and (out / "learned_embeds.safetensors").is_file() and config.is_file()
-            and json.loads(config.read_text())["config"]["steps"] == cfg.steps and checkpoint_step(ck) >= cfg.steps)
+            and json.loads(config.read_text())["config"]["steps"] == steps and checkpoint_step(ck) >= steps)
 
 
 def _exported(model: Path, out: Path, say) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.toyworld import world
 from models.toyworld.attributes import to_array
 from zo_runtime import init_search
 from zo_runtime.image_io import load_rgb
@@ -143,7 +144,7 @@ def zo_config(spec: dict, method: str):
 
     zo_cfg = {**spec["zo"], **ZO_METHODS[method][1]}
     if method in INIT_SEARCH:
-        zo_cfg.update(INIT_SEARCH[method], init_candidates=",".join(world_words()))
+        zo_cfg.update(INIT_SEARCH[method], init_candidates=",".join(world.words()))
     # the paper schedule underneath: a method states what it changes (plain zoodip stays gaussian, no early stop)
     return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"],
                        **{"schedule": "paper", **zo_cfg})
@@ -155,13 +156,6 @@ def eval_steps(spec: dict, method: str) -> list[int]:
     if method not in PASS_BUDGET:
         return list(spec["eval_at"])
     return [max(1, round(s * 3 / zo_config(spec, method).passes)) for s in spec["eval_at"]]
-
-
-def world_words() -> tuple[str, ...]:
-    """Every word of the toy world (shapes, colors, patterns, background colors): the search's candidates."""
-    from models.toyworld import world
-
-    return tuple(dict.fromkeys((*world.SHAPES, *world.COLOR_NAMES, *world.PATTERNS, *world.BACKGROUND_NAMES)))
 
 
 def train_and_score(spec: dict, method: str, ev: ToyEvaluator, folder: Path, steps: list[int],
