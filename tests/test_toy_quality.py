@@ -72,6 +72,19 @@ def test_pool_ratio_interval_and_passes(tmp_path):
     assert (tmp_path / "pooled_curve.png").stat().st_size > 1000
 
 
+def test_cluster_interval_resamples_whole_concepts():
+    """Runs that repeat a concept count once per concept: the interval is wider than resampling runs, and a
+    method at exactly twice the reference on every run keeps ratio 2 in every resample."""
+    from bench.toy import pool as toy_pool
+    ref = np.array([0.2, 0.8, 0.4, 0.6] * 3)
+    ours = ref + np.array([0.3, -0.2, 0.1, 0.0] * 3)
+    groups = ["a", "b", "c", "d"] * 3                      # 12 runs of 4 concepts
+    _, lo, hi = toy_pool.ratio_interval(ours, ref)
+    clo, chi = toy_pool.cluster_ratio_interval(ours, ref, groups)
+    assert chi - clo > 1.3 * (hi - lo)
+    assert toy_pool.cluster_ratio_interval(2 * ref, ref, groups) == (2.0, 2.0)
+
+
 def test_pool_reports_prompt_fidelity_paired_with_ti():
     """The token must not swallow the prompt: prompt fidelity's mean and its paired difference to TI's."""
     from bench.toy import pool as toy_pool

@@ -260,17 +260,19 @@ def build_variant(export: Path, w8: Path, out: Path, plan: str, calib_px: int = 
 def toy_ratio(files: list[Path], method: str, reference: str) -> dict:
     """Paired ratio of `method`'s final concept fidelity to `reference`'s over every (draw, concept) run, with
     bench.toy.pool's bootstrap interval, and the two pooled curves."""
-    from ..toy.pool import pooled_curve, ratio_interval, units
+    from ..toy.pool import cluster_ratio_interval, pooled_curve, ratio_interval, units
 
     rows = [r for r in units([json.loads(f.read_text()) for f in files]) if method in r and reference in r]
     if not rows:
         raise ValueError(f"no concept run has both {method} and {reference}")
     ours, ref = (np.array([r[k] for r in rows]) for k in (method, reference))
     ratio, lo, hi = ratio_interval(ours, ref)
+    by_concept = cluster_ratio_interval(ours, ref, [r["concept"] for r in rows])
     return {"method": method, "reference": reference, "runs": len(rows),
             "draws": sorted({r["draw"] for r in rows}), "concept_fidelity": round(float(ours.mean()), 4),
             "reference_fidelity": round(float(ref.mean()), 4), "ratio": round(ratio, 3),
-            "ratio_ci95": [round(lo, 3), round(hi, 3)], "wins": int(np.sum(ours > ref)),
+            "ratio_ci95": [round(lo, 3), round(hi, 3)], "concepts": len({r["concept"] for r in rows}),
+            "ratio_ci95_by_concept": [round(x, 3) for x in by_concept], "wins": int(np.sum(ours > ref)),
             "losses": int(np.sum(ours < ref)), "per_run": [{k: r[k] for k in ("draw", "concept", method, reference)}
                                                            for r in rows],
             "curves": {m: pooled_curve(rows, m) for m in (method, reference)},
@@ -376,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         res["command"] = "python -m bench.sd.fast_pass " + " ".join(sys.argv[1:] if argv is None else argv)
         common.write_json(a.out, res)
         print(f"{a.method} / {a.reference}: {res['ratio']} (95% {res['ratio_ci95'][0]}-{res['ratio_ci95'][1]}) over "
-              f"{res['runs']} runs; {res['concept_fidelity']} vs {res['reference_fidelity']}")
+              f"{res['runs']} runs; {res['concept_fidelity']} vs {res['reference_fidelity']}; resampling its "
+              f"{res['concepts']} concepts: {res['ratio_ci95_by_concept'][0]}-{res['ratio_ci95_by_concept'][1]}")
     elif a.cmd == "build":
         print(f"wrote {build_variant(a.export, a.w8, a.out, a.plan)}")
     elif a.cmd == "worker-profile":
