@@ -217,3 +217,11 @@ def test_ti_from_the_searched_start_reads_the_zoodip_runs_start(tmp_path):
         M.ti_start(spec, "ti_searched_init1")
     (tmp_path / "zoodip_jsub_lr5e3_init1.result.json").write_text(json.dumps({"init_search": {"init": "ring+solid"}}))
     assert M.ti_start(spec, "ti_searched_init1") == "ring+solid"
+
+
+def test_blind_search_leaves_out_the_concepts_own_words():
+    from bench.toy import method as M
+    spec = {"zo": {"lr": 0.02}, "init": "ring", "seed": 1, "concept": ["ring", "red", "striped"]}
+    seen, blind = (M.zo_config(spec, m).init_words() for m in ("zoodip_jsub_lr5e3_init1", "zoodip_jsub_lr5e3_init1_blind"))
+    assert {"red", "striped"} <= set(seen) and not {"red", "striped", "ring"} & set(blind)
+    assert len(blind) == len(seen) - 2 == 20

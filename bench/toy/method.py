@@ -76,6 +76,9 @@ ZO_METHODS = {
     "zoodip_jsub_lr25e4_init": ("w8", {**FAST_SCHEDULE, "lr": 2.5e-3},
                                 "zoodip, jacobian subspace, lr 2.5e-3, searched init"),
     "zoodip_jsub_lr5e3_init1": ("w8", FAST_SCHEDULE, "zoodip, jacobian subspace, lr 5e-3, searched init, 1 word"),
+    # the same search when the user's words miss: the concept's own color and pattern are not candidates
+    "zoodip_jsub_lr5e3_init1_blind": ("w8", FAST_SCHEDULE,
+                                      "zoodip, jacobian subspace, lr 5e-3, searched init, 1 word, no right words"),
     "zoodip_jsub_lr5e3_mu3e3": ("w8", {**FAST_SCHEDULE, "mu": 3e-3}, "zoodip, jacobian subspace, lr 5e-3, mu 3e-3"),
     # n queries batched in one call, lr scaled so the drift per pass matches n = 2 at lr 2e-2 (an estimate's
     # signal grows as sqrt(n); ZO-Adam here is momentum SGD: sqrt(s) ~ 4e-4 < eps 1e-3); at equal drift the
@@ -89,7 +92,9 @@ ZO_METHODS = {
 # worst-case passes come off the training steps, so every eval point is at the same forward passes as zoodip's.
 INIT_SEARCH = {"zoodip_jsub_lr5e3_init": {"init_rounds": 2, "init_draws": 16},
                "zoodip_jsub_lr25e4_init": {"init_rounds": 2, "init_draws": 16},
-               "zoodip_jsub_lr5e3_init1": {"init_rounds": 1, "init_draws": 16}}
+               "zoodip_jsub_lr5e3_init1": {"init_rounds": 1, "init_draws": 16},
+               "zoodip_jsub_lr5e3_init1_blind": {"init_rounds": 1, "init_draws": 16}}
+BLIND = {"zoodip_jsub_lr5e3_init1_blind"}      # candidates leave out the concept's own words
 # Scored at the same forward passes as zoodip (3 a step) rather than the same steps: eval_at * 3 / passes.
 PASS_BUDGET = {"zoodip_q8_eq", "zoodip_q16_eq"}
 # Backprop TI settings (ToyTIConfig overrides, label): the reference and the variants that make it stronger.
@@ -144,7 +149,8 @@ def zo_config(spec: dict, method: str):
 
     zo_cfg = {**spec["zo"], **ZO_METHODS[method][1]}
     if method in INIT_SEARCH:
-        zo_cfg.update(INIT_SEARCH[method], init_candidates=",".join(world.words()))
+        words = [w for w in world.words() if method not in BLIND or w not in spec["concept"]]
+        zo_cfg.update(INIT_SEARCH[method], init_candidates=",".join(words))
     # the paper schedule underneath: a method states what it changes (plain zoodip stays gaussian, no early stop)
     return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"],
                        **{"schedule": "paper", **zo_cfg})
