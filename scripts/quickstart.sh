@@ -8,7 +8,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 OUT=${OUT:-runs/quickstart}
 INIT=$(python -m models.toyworld.concept "$OUT/images" --index "${CONCEPT:-0}")
-WORDS=$(python -c "from models.toyworld import world; print(','.join(world.words()))")
+WORDS=$(python -c "from models.toyworld import world; print(','.join(world.WORDS))")
 echo "concept: $(tr -d '\n ' < "$OUT/images/concept.json")"
 # the default fast schedule; --init-candidates: every word of the toy world (ZO_FLAGS= leaves the search out)
 zoodip personalize models/toyworld/pipeline --images "$OUT/images" --token sks --init "$INIT" \

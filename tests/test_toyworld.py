@@ -127,7 +127,7 @@ def test_shapes_render_differently(pair):
 
 
 def test_world_words_are_every_attribute_word_once():
-    words = world.words()
+    words = world.WORDS
     assert len(words) == len(set(words)) == 23 and {"ring", "pink", "checkered", "white"} <= set(words)
 
 

@@ -288,7 +288,7 @@ def test_personalize_knows_a_finished_run_when_steps_come_from_the_schedule(tiny
     fast = S.defaults("fast", ModelDir.open(tiny_exported).manifest.get("family", "sd1"))["steps"]
     assert P._planned_steps(tiny_exported, cfg) == fast - math.ceil(16 * 3 / 3)     # the search's 48 passes off
     T.train(tiny_exported, images, tmp_path, quick(steps=3, save_every=3))
-    assert P._finished(tmp_path, cfg, 3) and not P._finished(tmp_path, cfg, 4)
+    assert P._finished(tmp_path, 3) and not P._finished(tmp_path, 4)
 
 
 def test_unet_batch_and_single_give_the_same_losses(tiny_exported, images, tmp_path):

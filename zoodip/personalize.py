@@ -27,7 +27,7 @@ def personalize(model: str | Path, images: str | Path, out: str | Path, cfg: Tra
     quantized = _quantized(exported, out, scheme, images, say)
     embeds = out / "learned_embeds.safetensors"
     steps = _planned_steps(quantized, cfg)
-    if _finished(out, cfg, steps):
+    if _finished(out, steps):
         say(f"[3/4] train: {embeds} is finished ({steps} steps); reusing it")
     else:
         say(f"[3/4] train: {quantized} on {images} -> {out}")
@@ -45,7 +45,7 @@ def _planned_steps(model: Path, cfg: TrainConfig) -> int:
         return schedule.resolve(cfg, ModelDir.open(model).manifest).steps
 
 
-def _finished(out: Path, cfg: TrainConfig, steps: int) -> bool:
+def _finished(out: Path, steps: int) -> bool:
     ck, config = out / CHECKPOINT, out / "config.json"
     return (ck.is_file() and (out / "learned_embeds.safetensors").is_file() and config.is_file()
             and json.loads(config.read_text())["config"]["steps"] == steps and checkpoint_step(ck) >= steps)

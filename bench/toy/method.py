@@ -149,7 +149,7 @@ def zo_config(spec: dict, method: str):
 
     zo_cfg = {**spec["zo"], **ZO_METHODS[method][1]}
     if method in INIT_SEARCH:
-        words = [w for w in world.words() if method not in BLIND or w not in spec["concept"]]
+        words = [w for w in world.WORDS if method not in BLIND or w not in spec["concept"]]
         zo_cfg.update(INIT_SEARCH[method], init_candidates=",".join(words))
     # the paper schedule underneath: a method states what it changes (plain zoodip stays gaussian, no early stop)
     return TrainConfig(token=TOKEN, init=spec["init"], progress=False, save_every=0, seed=spec["seed"],

@@ -74,8 +74,9 @@ def ratio_interval(ours: np.ndarray, ref: np.ndarray, seed: int = 0) -> tuple[fl
 def cluster_ratio_interval(ours: np.ndarray, ref: np.ndarray, groups: list[str], seed: int = 0) -> tuple[float, float]:
     """(2.5%, 97.5%) of mean(ours) / mean(ref) when whole groups are resampled: draws repeat held-out concepts
     (with new photos), so runs of one concept are not independent; resampling concepts is the cautious interval."""
-    names = sorted(set(groups))
-    members = [np.flatnonzero(np.array(groups) == n) for n in names]
+    groups = np.asarray(groups)
+    names = np.unique(groups)
+    members = [np.flatnonzero(groups == n) for n in names]
     rng, boot = np.random.default_rng(seed), []
     for _ in range(RESAMPLES):
         idx = np.concatenate([members[k] for k in rng.integers(0, len(names), len(names))])

@@ -28,12 +28,8 @@ BACKGROUNDS = {  # plain backgrounds; red/green/blue reuse the object RGB, so "n
 }
 COLOR_NAMES = tuple(COLORS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
-
-
-def words() -> tuple[str, ...]:
-    """Every word of the world (shapes, colors, patterns, backgrounds; 23): `--init-candidates` for its concepts."""
-    return tuple(dict.fromkeys((*SHAPES, *COLOR_NAMES, *PATTERNS, *BACKGROUND_NAMES)))
-
+# every word of the world, once (23): `--init-candidates` for its concepts
+WORDS = tuple(dict.fromkeys((*SHAPES, *COLOR_NAMES, *PATTERNS, *BACKGROUND_NAMES)))
 INK_SHADE = 0.35  # pattern ink = 35% of the object color: visible on every color, never a new hue
 PATTERN_PERIOD = 12  # px at 64 px; 3 latent pixels per period for a factor-4 VAE, so patterns survive it
 
